@@ -24,7 +24,7 @@ COMBINERS = ("mean", "projection")
 
 
 def check_distribution(distribution: str, allowed: Sequence[str] = DISTRIBUTIONS) -> str:
-    """Return ``distribution`` if it is one of ``allowed``, else raise a ValueError that lists them."""
+    """Return ``distribution`` if it is in ``allowed``, else raise a ValueError listing them."""
     if not isinstance(distribution, str) or distribution not in allowed:
         raise ValueError(
             f"unknown tangent distribution {distribution!r}; choose one of {', '.join(allowed)}."
@@ -160,7 +160,7 @@ def projection_coefficients(
 def combine_tangents(
     coefficients: torch.Tensor, tangents: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """g = Σ_k c_k v_k for each parameter: one tensor of the parameter's shape per tangent tensor."""
+    """g = Σ_k c_k v_k: one tensor of the parameter's shape per tangent tensor."""
     return [
         torch.tensordot(coefficients.to(device=v.device, dtype=v.dtype), v, dims=1)
         for v in tangents
