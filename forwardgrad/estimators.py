@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover
     _batch_over_tangents = None
 
 _NO_FORWARD_AD = re.compile(r"forward AD with (?:aten::)?([\w.]+)")
+_CUSTOM_FUNCTION_WITHOUT_JVP = "implement the jvp function for custom autograd.Function"
 _BACKWARD_CALLED = ("does not require grad", "backward through the graph a second time")
 
 
@@ -237,10 +238,15 @@ def _locate_failure(model: nn.Module, run: Callable[[], object]) -> str | None:
 
 
 def _unsupported_op_error(error: RuntimeError, where: str | None) -> EstimatorError | None:
+    place = f" in module {where}" if where else ""
+    if _CUSTOM_FUNCTION_WITHOUT_JVP in str(error):
+        return EstimatorError(
+            f"a custom torch.autograd.Function{place} has no jvp (forward-mode derivative); "
+            "give it a jvp staticmethod, or use the Backprop or ZerothOrder estimator."
+        )
     match = _NO_FORWARD_AD.search(str(error))
     if match is None:
         return None
-    place = f" in module {where}" if where else ""
     return EstimatorError(
         f"PyTorch has no forward-mode derivative for the operation '{match.group(1)}'{place}; "
         "replace it with an equivalent built from supported operations (or a custom "
