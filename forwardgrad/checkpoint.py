@@ -1,0 +1,187 @@
+"""Checkpoints that survive crashes: atomic writes, the last two kept, corrupt ones skipped.
+
+A checkpoint file is a small header followed by a `torch.save` payload:
+
+    forwardgrad-checkpoint v1\\n
+    <sha256 of the payload, 64 hex digits>\\n
+    <payload>
+
+The digest lets `load_latest_checkpoint` tell a truncated or bit-flipped file from a good one,
+which `torch.load` alone does not always notice. Files are written to a temporary name in the
+same directory, flushed to disk, then renamed over the final name (`os.replace` is atomic on
+POSIX and Windows), so a crash mid-write never leaves a half-written checkpoint under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MAGIC = b"forwardgrad-checkpoint v1\n"
+KEEP_LAST = 2
+_NAME = re.compile(r"^step-(\d{8,})\.ckpt$")
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint: every file found was corrupt or unreadable."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """The checkpoint that was loaded, and the newer ones that had to be skipped.
+
+    Attributes:
+        state: the dictionary that was saved.
+        path: the file it came from.
+        step: the training step it was taken at.
+        skipped: (path, reason) for every newer checkpoint that was corrupt, newest first.
+    """
+
+    state: dict[str, Any]
+    path: Path
+    step: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def checkpoint_path(directory: str | os.PathLike, step: int) -> Path:
+    """The file name of the checkpoint taken after `step` updates."""
+    return Path(directory) / f"step-{step:08d}.ckpt"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint file in `directory`, newest (highest step) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = _NAME.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, state: dict[str, Any], step: int, keep: int = KEEP_LAST
+) -> Path:
+    """Write `state` atomically as the checkpoint for `step`, then delete all but the newest `keep`.
+
+    Args:
+        directory: the checkpoint directory (created if missing).
+        state: anything `torch.save` can write.
+        step: number of updates applied when the state was captured; names the file.
+        keep: how many checkpoints to keep, newest first (at least 1).
+
+    Returns:
+        The path of the new checkpoint.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 so the new checkpoint survives, got {keep}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode("ascii")
+
+    final = checkpoint_path(directory, step)
+    temporary = directory / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(MAGIC + digest + b"\n" + payload)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_directory(directory)
+
+    for _, old in list_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one checkpoint file, checking its header and digest.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, altered or not a forwardgrad checkpoint.
+    """
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror}.") from None
+    if not blob.startswith(MAGIC):
+        raise CheckpointError(f"{path} is not a forwardgrad checkpoint (wrong header).")
+    header_end = len(MAGIC) + 65
+    digest, payload = blob[len(MAGIC) : header_end - 1], blob[header_end:]
+    if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
+        raise CheckpointError(f"{path} is corrupt or truncated (its SHA-256 does not match).")
+    # The digest proves the bytes are the ones this library wrote; checkpoints hold numpy and
+    # Python RNG states, which need full unpickling, so only load checkpoints you made yourself.
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+
+
+def load_latest_checkpoint(directory: str | os.PathLike) -> LoadedCheckpoint | None:
+    """Load the newest checkpoint in `directory` that is intact, skipping corrupt ones.
+
+    Returns:
+        The loaded checkpoint with the list of skipped newer files, or None if there are none.
+
+    Raises:
+        CheckpointError: checkpoint files exist but every one of them is corrupt.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for step, path in list_checkpoints(directory):
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError as error:
+            skipped.append((path, str(error)))
+            continue
+        return LoadedCheckpoint(state=state, path=path, step=step, skipped=skipped)
+    if skipped:
+        reasons = "; ".join(reason for _, reason in skipped)
+        raise CheckpointError(
+            f"no usable checkpoint in {directory}: {reasons} Delete the directory to start over."
+        )
+    return None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The global random states of torch, numpy and Python, to restore on resume."""
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global random states captured by `capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not possible (nor needed) on Windows.
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
