@@ -161,7 +161,8 @@ def capture_rng_state() -> dict[str, Any]:
     """The global random states of torch, numpy and Python, to restore on resume."""
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        # The legacy global state on purpose: it is what user code calling np.random.* draws from.
+        "numpy": np.random.get_state(),  # noqa: NPY002
         "python": random.getstate(),
     }
 
@@ -169,7 +170,7 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore the global random states captured by `capture_rng_state`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
     random.setstate(state["python"])
 
 
