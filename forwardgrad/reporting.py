@@ -361,7 +361,8 @@ def _threshold_rule(runs: Sequence[Run]) -> str:
         f"Loss threshold, per section: the highest final value of {smoothing}, among the runs "
         f"that did not diverge and lowered it by at least {MIN_IMPROVEMENT:.0%}. Steps and time "
         "to threshold: the first logged step where that loss is at or below it, and the training "
-        "time so far. Final train loss: the last logged value."
+        "time so far, which includes one-time costs of the first steps that the median time "
+        "per iteration leaves out. Final train loss: the last logged value."
     )
 
 
@@ -657,10 +658,18 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _fmt_memory(run: Run) -> str:
-    peak, method = run.peak_memory
-    if not math.isfinite(peak):
-        return "—"
-    return f"{peak / 2**20:.1f} MiB" + (f" ({method})" if method else "")
+    peak = run.peak_memory[0]
+    return f"{peak / 2**20:.1f} MiB" if math.isfinite(peak) else "—"
+
+
+def _memory_note(runs: Sequence[Run]) -> list[str]:
+    """How peak memory was measured, said once under the table (the method names are long)."""
+    methods = {run.label: run.peak_memory[1] for run in runs if run.peak_memory[1]}
+    if not methods:
+        return []
+    if len(set(methods.values())) == 1:
+        return [f"Peak memory: {next(iter(methods.values()))}.", ""]
+    return ["Peak memory: " + "; ".join(f"{k}: {v}" for k, v in methods.items()) + ".", ""]
 
 
 def _table(section: _Section, backprop: Run | None, comparison: bool = True) -> list[str]:
@@ -717,7 +726,7 @@ def _table(section: _Section, backprop: Run | None, comparison: bool = True) -> 
                 cells += [str(reached[0]), f"{reached[1]:.3g} s"]
         cells.append(_fmt_memory(run))
         lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines + [""] + _memory_note(runs)
 
 
 # The paper's claims (from docs/PAPER.md) beside ours.
@@ -890,7 +899,6 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
         "",
     ]
     lines += _table(section, backprop=None, comparison=False)
-    lines += [""]
     if run.diverged:
         lines += ["The loss became NaN or infinite: the run diverged; the curves stop there.", ""]
     lines += _image_lines(images, run.path)
@@ -952,7 +960,6 @@ def write_comparison_report(
             )
             lines += [f"Loss threshold: {threshold}.", ""]
             lines += _table(section, backprop)
-            lines += [""]
             if backprop is None:
                 lines += ["No backprop run in this comparison, so no ratio to backprop.", ""]
             claims = _claims(problem, section, backprop)

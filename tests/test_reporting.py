@@ -170,7 +170,8 @@ def test_run_report_writes_pngs_and_table(tmp_path):
     assert "time ÷ backprop" not in row  # no ratio without a backprop run beside it
     assert row["final train loss"] == f"{losses[-1]:.4g}"
     assert row["test accuracy"] == "0.800"
-    assert row["peak memory"] == "100.0 MiB (rss)"
+    assert row["peak memory"] == "100.0 MiB"
+    assert "Peak memory: rss." in report
     assert "Wall-clock time counts training only" in report
     assert "forwardgrad train --problem mlp --estimator forward" in report
 
