@@ -338,7 +338,6 @@ def test_several_problems_runs_of_different_lengths_and_beale_contour(tmp_path):
 
 
 def test_beale_trajectory_is_drawn_over_a_contour(tmp_path):
-    pytest.importorskip("forwardgrad.problems")
     path = np.linspace([-1.0, 1.5], [2.9, 0.45], 30)
     losses = np.geomspace(10, 0.1, 30)
     run = read_run(make_run(tmp_path / "run", problem="beale", losses=losses, trajectory=path))
