@@ -155,6 +155,8 @@ class FrankWolfe(torch.optim.Optimizer):
                 loss = closure()
         group_gaps, step_sizes = [], []
         for group in self.param_groups:
+            # Checked again here: a training loop may have overwritten group["lr"] since.
+            _check_schedule("lr", group["lr"], OPEN_LOOP)
             gap, gamma = torch.zeros(()), None
             for param in group["params"]:
                 if param.grad is None:

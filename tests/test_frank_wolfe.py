@@ -164,6 +164,15 @@ def test_one_step_is_the_frank_wolfe_update_and_gap():
     assert optimizer.last_group_step_sizes == [0.25]
 
 
+def test_a_step_size_overwritten_after_construction_is_checked_too():
+    model = Vector(torch.zeros(3))
+    optimizer = FrankWolfe(model.parameters(), constraint="l1:1")
+    optimizer.param_groups[0]["lr"] = 2.0  # as a learning-rate scheduler would
+    model.x.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="would leave the constraint set"):
+        optimizer.step()
+
+
 def test_sparse_gradients_are_refused():
     model = Vector(torch.zeros(3))
     optimizer = FrankWolfe(model.parameters(), constraint="l1:1")
