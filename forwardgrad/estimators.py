@@ -296,9 +296,8 @@ def directional_derivatives_of(
                 )(*tangents)
             return values[0], derivatives, True
         except (RuntimeError, NotImplementedError):
-            if replay is None:
-                raise
-            replay.rewind()
+            if replay is not None:
+                replay.rewind()
     derivatives = torch.empty(count, dtype=params[0].dtype, device=params[0].device)
     value = None
     for k in range(count):
@@ -521,7 +520,9 @@ class ForwardGradient(_Seeded):
         self.distribution = tg.check_distribution(distribution)
         self.combine = tg.check_combine(combine)
         super().__init__(seed)
-        self._unbatchable: weakref.WeakSet = weakref.WeakSet()
+        # Per model: whether the vectorised K-tangent pass works and agrees with K plain passes.
+        # Legacy vmap's batching rules are checked once against the loop, never trusted blindly.
+        self._batching: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def describe(self) -> str:
         return f"forward (K={self.tangents}, {self.distribution}, {self.combine})"
@@ -548,10 +549,18 @@ class ForwardGradient(_Seeded):
 
         try:
             with _forward_mode_context():
-                batched = model not in self._unbatchable
+                batched = self._batching.get(model, True)
                 loss, derivatives, batched_ok = directional_derivatives_of(
                     evaluate, params, directions, replay, batched
                 )
+                if batched_ok and model not in self._batching:
+                    replay.rewind()
+                    loss, reference, _ = directional_derivatives_of(
+                        evaluate, params, directions, replay, batched=False
+                    )
+                    scale = reference.abs().max().clamp_min(1.0)
+                    batched_ok = bool((derivatives - reference).abs().max() <= 1e-4 * scale)
+                    derivatives = reference
         except RuntimeError as error:
             replay.rewind()
             located = _locate_failure(
@@ -563,8 +572,8 @@ class ForwardGradient(_Seeded):
             if friendly is None:
                 raise
             raise friendly from None
-        if batched and not batched_ok and self.tangents > 1:
-            self._unbatchable.add(model)
+        if self.tangents > 1 and model not in self._batching:
+            self._batching[model] = batched_ok
         return loss, derivatives
 
     def combine_estimate(
