@@ -5,6 +5,17 @@ and exact backprop behind the same interface: ``loss = est.estimate(model, closu
 ``.grad`` and any ``torch.optim`` optimizer applies the step.
 """
 
+from forwardgrad.constraints import (
+    Constraint,
+    KSparsePolytope,
+    L1Ball,
+    L2Ball,
+    LinfBall,
+    NuclearBall,
+    Simplex,
+    parse_constraint,
+)
+from forwardgrad.data import DataError, load_dataset
 from forwardgrad.estimators import (
     ESTIMATORS,
     Backprop,
@@ -17,7 +28,10 @@ from forwardgrad.estimators import (
     make_estimator,
     zeroth_order_grad,
 )
+from forwardgrad.frank_wolfe import FrankWolfe
+from forwardgrad.problems import make_model, make_test_function
 from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS, combine, sample_tangents
+from forwardgrad.training import TrainConfig, TrainingDiverged, train
 
 __version__ = "0.1.0"
 
@@ -26,15 +40,31 @@ __all__ = [
     "DISTRIBUTIONS",
     "ESTIMATORS",
     "Backprop",
+    "Constraint",
+    "DataError",
     "Estimator",
     "EstimatorError",
     "ForwardGradient",
+    "FrankWolfe",
+    "KSparsePolytope",
+    "L1Ball",
+    "L2Ball",
+    "LinfBall",
+    "NuclearBall",
+    "Simplex",
+    "TrainConfig",
+    "TrainingDiverged",
     "ZerothOrder",
     "backprop_grad",
     "combine",
     "forward_grad",
+    "load_dataset",
     "make_estimator",
+    "make_model",
+    "make_test_function",
+    "parse_constraint",
     "sample_tangents",
+    "train",
     "zeroth_order_grad",
     "__version__",
 ]
