@@ -2,8 +2,12 @@
 
 Subcommands are registered in ``COMMANDS`` (name -> help, flags, function), so adding one, like
 ``bench``, is one entry. Every subcommand returns an exit code: 0 done, 1 a run diverged
-(``train``), 2 bad arguments or data (one line on stderr, never a traceback), 130/143 stopped by
-SIGINT/SIGTERM after writing a checkpoint.
+(``train``), 2 bad arguments or data (one line on stderr, never a traceback), 3 a distributed
+job failed (a rank died, hung or diverged from the others), 130/143 stopped by SIGINT/SIGTERM
+after writing a checkpoint.
+
+Under ``torchrun`` (RANK, WORLD_SIZE, ... in the environment) ``train`` runs as one rank of a
+data-parallel job (``forwardgrad.distributed``); only rank 0 prints, writes and reports.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 
 from forwardgrad import reporting
 from forwardgrad.checkpoint import CheckpointError
-from forwardgrad.data import DATASETS, DataError
+from forwardgrad.data import DATASETS, DataError, load_dataset
+from forwardgrad.distributed import DistributedError, World, detect_launch, process_group
 from forwardgrad.estimators import ESTIMATORS, make_estimator
 from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS
 from forwardgrad.training import (
@@ -43,6 +48,7 @@ from forwardgrad.training import (
 PROG = "forwardgrad"
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
+EXIT_DISTRIBUTED = 3
 
 # Settings of the test functions when the user gives none (the paper's lr 2e-4 is for MNIST
 # and barely moves a test function): plain gradient descent converges at these on both.
@@ -145,29 +151,29 @@ def _duration(seconds: float) -> str:
 
 # --------------------------------------------------------------------------- flags
 
-# Flag -> TrainConfig field, for every setting a user may give on the command line.
-CONFIG_FLAGS = {
-    "problem": "problem",
-    "dataset": "dataset",
-    "data_dir": "data_dir",
-    "dim": "dim",
-    "tangents": "tangents",
-    "distribution": "distribution",
-    "combine": "combine",
-    "eps": "eps",
-    "optimizer": "optimizer",
-    "lr": "lr",
-    "lr_decay": "lr_decay",
-    "batch_size": "batch_size",
-    "steps": "steps",
-    "epochs": "epochs",
-    "seed": "seed",
-    "threads": "threads",
-    "eval_every": "eval_every",
-    "log_every": "log_every",
-    "checkpoint_every": "checkpoint_every",
-    "test_examples": "test_examples",
-}
+# TrainConfig fields a user may set by a flag of the same name (``lr_decay``: ``--lr-decay``).
+CONFIG_FLAGS = (
+    "problem",
+    "dataset",
+    "data_dir",
+    "dim",
+    "tangents",
+    "distribution",
+    "combine",
+    "eps",
+    "optimizer",
+    "lr",
+    "lr_decay",
+    "batch_size",
+    "steps",
+    "epochs",
+    "seed",
+    "threads",
+    "eval_every",
+    "log_every",
+    "checkpoint_every",
+    "test_examples",
+)
 
 
 def _csv_list(choices: Sequence[str] | None = None) -> Callable[[str], list[str]]:
@@ -226,7 +232,11 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
 def _add_run_flags(parser: argparse.ArgumentParser, single_estimator: bool) -> None:
     """The flags shared by ``train`` and ``compare``; defaults None mean "not given"."""
     d = TrainConfig()
-    parser.add_argument("--problem", choices=list(PROBLEMS), help=f"(default {d.problem})")
+    parser.add_argument(
+        "--problem",
+        choices=list(PROBLEMS),
+        help=f"a test function or an MNIST-style model (default {d.problem})",
+    )
     _add_data_flags(parser)
     parser.add_argument("--dim", type=int, help="dimension of rosenbrock (default 2)")
     if single_estimator:
@@ -241,18 +251,24 @@ def _add_run_flags(parser: argparse.ArgumentParser, single_estimator: bool) -> N
         )
     parser.add_argument("--tangents", type=int, help=f"K tangents per step (default {d.tangents})")
     parser.add_argument("--distribution", choices=list(DISTRIBUTIONS), help="(default normal)")
-    parser.add_argument("--combine", choices=list(COMBINERS), help="K tangents: (default mean)")
-    parser.add_argument("--eps", type=float, help=f"zeroth-order step ε (default {d.eps:g})")
-    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), help="(default sgd)")
     parser.add_argument(
-        "--lr", type=float, help=f"η₀ (default {d.lr:g}; test functions: their own)"
+        "--combine", choices=list(COMBINERS), help="how K tangents combine (default mean)"
     )
+    parser.add_argument("--eps", type=float, help=f"zeroth-order step ε (default {d.eps:g})")
     parser.add_argument(
-        "--lr-decay", type=float, help=f"k in η₀·exp(−i·k) (default {d.lr_decay:g})"
+        "--optimizer", choices=list(OPTIMIZERS), help="momentum is SGD with 0.9 (default sgd)"
+    )
+    own = "; ".join(f"{name} {v['lr']:g}" for name, v in TEST_FUNCTION_DEFAULTS.items())
+    parser.add_argument("--lr", type=float, help=f"η₀ (default {d.lr:g}; {own})")
+    parser.add_argument(
+        "--lr-decay",
+        type=float,
+        help=f"k in η₀·exp(−i·k) (default {d.lr_decay:g}; test functions 0)",
     )
     parser.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     steps = parser.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help=f"updates (default {d.steps})")
+    own_steps = "; ".join(f"{name} {v['steps']}" for name, v in TEST_FUNCTION_DEFAULTS.items())
+    steps.add_argument("--steps", type=int, help=f"updates (default {d.steps}; {own_steps})")
     steps.add_argument("--epochs", type=float, help="passes over the training set, instead")
     _add_machine_flags(parser)
     parser.add_argument("--eval-every", type=int, help=f"steps (default {d.eval_every}; 0: end)")
@@ -277,11 +293,7 @@ def _add_run_flags(parser: argparse.ArgumentParser, single_estimator: bool) -> N
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the flags that were given; problem-specific defaults for the rest."""
-    given = {
-        field: getattr(args, flag)
-        for flag, field in CONFIG_FLAGS.items()
-        if getattr(args, flag, None) is not None
-    }
+    given = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
     problem = given.get("problem", TrainConfig.problem)
     values = {**TEST_FUNCTION_DEFAULTS.get(problem, {}), **given}
     if "epochs" in given:
@@ -316,6 +328,12 @@ class _Context:
     display: ProgressDisplay
     download: bool
     resume_hint: str = ""  # how to continue after an interrupt, set once the output is known
+    world: World | None = None  # this rank, under torchrun
+
+    @property
+    def speaks(self) -> bool:
+        """Whether this process prints: always, except ranks other than 0 of a distributed job."""
+        return self.world is None or self.world.is_main
 
 
 @dataclass(frozen=True)
@@ -388,8 +406,13 @@ def _run_or_continue(planned: _Planned, context: _Context) -> Path:
 
 def _run_all(plan: Sequence[_Planned], context: _Context) -> list[Path]:
     """Run every planned run in order; a diverged run is reported, kept, and the rest go on."""
+    # Check every setting and data set before the first run starts, not an hour into it.
+    checked = set()
     for planned in plan:
-        planned.config.validate()  # all settings are checked before the first run starts
+        config = planned.config.validate()
+        if config.dataset is not None and (config.dataset, config.data_dir) not in checked:
+            load_dataset(config.dataset, config.data_dir, context.download)
+            checked.add((config.dataset, config.data_dir))
     done = []
     for planned in plan:
         try:
@@ -442,20 +465,43 @@ def _run_train(args, context: _Context) -> int:
         if args.steps is not None or args.epochs is not None:
             config.steps, config.epochs = args.steps, args.epochs
         context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
-        result = train(config, run_dir, context.display, resume=True, download=context.download)
+        result = train(
+            config,
+            run_dir,
+            context.display,
+            resume=True,
+            download=context.download,
+            world=context.world,
+        )
     else:
         config = _config_from_args(args)
         run_dir = args.out or _default_out(f"train-{config.problem}-{config.estimator}")
+        resume = False
+        if context.world is not None:
+            # Every rank takes rank 0's directory and decision. After a restart by torchrun
+            # --max-restarts the run continues from its last checkpoint.
+            restarted = context.world.restart_count > 0 and (run_dir / "config.json").is_file()
+            run_dir, resume = context.world.broadcast_object(
+                (run_dir, restarted), "agreeing on the run directory"
+            )
         context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
         record = None
         if args.lr_sweep:
             config, record = _sweep(config, args.lr_sweep, args.sweep_steps, context)
         result = train(
-            config, run_dir, context.display, download=context.download, command=context.argv
+            config,
+            run_dir,
+            context.display,
+            resume=resume,
+            download=context.download,
+            command=context.argv,
+            world=context.world,
         )
-        if record is not None:
+        if record is not None and context.speaks:
             (run_dir / "lr_sweep.json").write_text(json.dumps(record, indent=2) + "\n")
     context.display.close()
+    if not context.speaks:
+        return 0
     report = reporting.write_run_report(run_dir)
     summary = result.summary
     line = f"{summary['label']} on {summary['problem']}: final train loss "
@@ -530,13 +576,13 @@ EXPERIMENTS = (
     ),
     Experiment(
         "rosenbrock",
-        quick={"steps": 2000, "lr": 1e-3, "lr_decay": 0.0, "log_every": 10, "sweep_steps": 1000},
+        quick={"steps": 6000, "lr": 1e-3, "lr_decay": 0.0, "log_every": 10, "sweep_steps": 1500},
         full={"steps": 20000, "lr": 1e-3, "lr_decay": 0.0, "log_every": 20, "sweep_steps": 4000},
         sweep_candidates=(1e-4, 3e-4, 1e-3, 2e-3),
     ),
     Experiment(
         "logreg",
-        quick={"steps": 600, "eval_every": 200, "test_examples": 2000, "sweep_steps": 150},
+        quick={"steps": 1000, "eval_every": 250, "test_examples": 2000, "sweep_steps": 250},
         full={"epochs": 10, "eval_every": 1000, "sweep_steps": 1000},
         sweep_candidates=(2e-4, 2e-3, 2e-2, 2e-1),
     ),
@@ -722,9 +768,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(warnings.showwarning)
         try:
-            return COMMANDS[args.command].run(args, context)
+            return _run_command(args, context)
         except TrainingInterrupted as stop:
             display.close()
+            if not context.speaks:
+                return 128 + stop.signal_number
             hint = context.resume_hint or f"{PROG} train --resume {shlex.quote(str(stop.run_dir))}"
             print(
                 f"{PROG}: interrupted after step {stop.step}, checkpoint saved; continue with: "
@@ -738,14 +786,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signal.SIGINT
         except TrainingDiverged as error:
             display.close()
-            print(f"{PROG}: {error}", file=sys.stderr)
+            if context.speaks:
+                print(f"{PROG}: {error}", file=sys.stderr)
             return EXIT_DIVERGED
-        except (UsageError, CheckpointError, DataError, ValueError, TypeError) as error:
+        except DistributedError as error:  # each rank says what it saw
             display.close()
             print(f"{PROG}: error: {error}", file=sys.stderr)
+            return EXIT_DISTRIBUTED
+        except (UsageError, CheckpointError, DataError, ValueError, TypeError) as error:
+            display.close()
+            if context.speaks:
+                print(f"{PROG}: error: {error}", file=sys.stderr)
             return EXIT_USAGE
         finally:
             display.close()
+
+
+def _run_command(args: argparse.Namespace, context: _Context) -> int:
+    """Run the subcommand; under torchrun, ``train`` as this rank of a data-parallel job."""
+    if detect_launch() is None:
+        return COMMANDS[args.command].run(args, context)
+    if args.command != "train":
+        raise UsageError(
+            f"only 'train' runs distributed under torchrun; run '{args.command}' as one process."
+        )
+    with process_group() as world:
+        context.world = world
+        if not world.is_main:
+            context.display.mode = "none"
+        return COMMANDS[args.command].run(args, context)
 
 
 if __name__ == "__main__":
