@@ -487,6 +487,8 @@ def _run_train(args, context: _Context) -> int:
         context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
         record = None
         if args.lr_sweep:
+            if not resume and run_dir.is_dir() and any(run_dir.iterdir()):  # before, not after
+                raise UsageError(f"{run_dir} already holds files; choose another --out.")
             config, record = _sweep(config, args.lr_sweep, args.sweep_steps, context)
         result = train(
             config,
@@ -773,12 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             display.close()
             if not context.speaks:
                 return 128 + stop.signal_number
-            hint = context.resume_hint or f"{PROG} train --resume {shlex.quote(str(stop.run_dir))}"
-            print(
-                f"{PROG}: interrupted after step {stop.step}, checkpoint saved; continue with: "
-                + hint,
-                file=sys.stderr,
-            )
+            if stop.checkpoint is None:
+                message = "interrupted before a checkpoint could be written; rerun to start again."
+            else:
+                message = (
+                    f"interrupted after step {stop.step}, checkpoint saved; continue with: "
+                    + (context.resume_hint or f"{PROG} train --resume {stop.run_dir}")
+                )
+            print(f"{PROG}: {message}", file=sys.stderr)
             return 128 + stop.signal_number
         except KeyboardInterrupt:
             display.close()

@@ -83,13 +83,18 @@ class TrainingInterrupted(Exception):
     Attributes:
         step: updates applied, and saved in ``checkpoint``.
         signal_number: ``signal.SIGINT`` or ``signal.SIGTERM``; SIGINT for a KeyboardInterrupt.
-        checkpoint: the checkpoint written on the way out.
-        run_dir: the run directory, to pass to ``train(..., resume=True)``.
+        checkpoint: the checkpoint written on the way out; None if there is nothing to resume
+            (the parameters were not finite, or the run was a learning-rate sweep's).
+        run_dir: the run directory, to pass to ``train(..., resume=True)``; None with no
+            checkpoint.
     """
 
-    def __init__(self, step: int, signal_number: int, checkpoint: Path, run_dir: Path):
+    def __init__(
+        self, step: int, signal_number: int, checkpoint: Path | None, run_dir: Path | None
+    ):
         name = signal.Signals(signal_number).name
-        super().__init__(f"{name} received; stopped after step {step} and saved {checkpoint}.")
+        saved = f"saved {checkpoint}" if checkpoint else "wrote no checkpoint"
+        super().__init__(f"{name} received; stopped after step {step} and {saved}.")
         self.step, self.signal_number = step, signal_number
         self.checkpoint, self.run_dir = checkpoint, run_dir
 
@@ -1046,6 +1051,8 @@ def sweep_learning_rate(
             except TrainingDiverged:
                 scores[lr] = math.inf
                 continue
+            except TrainingInterrupted as stop:  # its checkpoint goes with the temporary directory
+                raise TrainingInterrupted(stop.step, stop.signal_number, None, None) from None
         key = "final_train_loss" if config.is_test_function else "final_test_loss"
         score = summary[key]
         scores[lr] = math.inf if score is None else float(score)

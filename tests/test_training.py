@@ -396,3 +396,11 @@ def test_sweep_scores_on_a_held_out_split(tiny_data):
     assert "held-out 25%" in result.criterion
     with pytest.raises(ValueError, match="candidate lr"):
         sweep_learning_rate(config, [-1.0])
+
+
+def test_interrupting_a_sweep_leaves_nothing_to_resume():
+    config = TrainConfig(problem="beale", lr_decay=0.0, steps=50)
+    with pytest.raises(TrainingInterrupted) as stop:
+        sweep_learning_rate(config, [1e-3, 1e-2], progress=interrupt_at(5))
+    assert stop.value.checkpoint is None and stop.value.run_dir is None
+    assert "wrote no checkpoint" in str(stop.value)
