@@ -847,7 +847,8 @@ def train(
                 except FloatingPointError as error:
                     loss = float(error.args[0])
                     log.write({**row, "train_loss": loss})
-                    raise _diverged(config, run_dir, step, loss, lr, newest_checkpoint) from None
+                    kept = _last_good_checkpoint(checkpoint_dir, step)
+                    raise _diverged(config, run_dir, step, loss, lr, kept) from None
                 step_time = time.perf_counter() - started
 
                 if evaluated or _due(step, config.log_every):
@@ -927,6 +928,20 @@ def _warm_up(model: nn.Module, estimator: Estimator, task) -> None:
 
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def _last_good_checkpoint(checkpoint_dir: Path, diverged_at: int) -> Path | None:
+    """Delete checkpoints of parameters whose loss was not finite; return the newest left.
+
+    A checkpoint is written before the loss of its parameters is known, so the one taken at
+    the step that diverged holds finite parameters with an infinite loss: resuming it would
+    only diverge again.
+    """
+    for step, path in ckpt.list_checkpoints(checkpoint_dir):
+        if step < diverged_at:
+            return path
+        path.unlink(missing_ok=True)
+    return None
 
 
 def _diverged(

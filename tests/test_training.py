@@ -352,10 +352,11 @@ def test_resume_without_checkpoint_starts_over(tmp_path):
 # --------------------------------------------------------------------------- divergence
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("estimator", ["backprop", "forward", "zeroth-order"])
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, estimator):
     # Gradient descent on Rosenbrock at lr 0.1 overshoots: |x| grows like x³ until it overflows.
     config = TrainConfig(
-        problem="rosenbrock", estimator="backprop", lr=0.1, lr_decay=0.0, steps=200
+        problem="rosenbrock", estimator=estimator, lr=0.1, lr_decay=0.0, steps=200, threads=1
     )
     config.checkpoint_every, config.log_every = 1, 1
     with pytest.raises(TrainingDiverged, match="diverged: the loss became") as error:
@@ -369,10 +370,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
     assert summary["final_train_loss"] is None
     rows = read_metrics(tmp_path / "run")
     assert int(rows[-1]["step"]) == step and not math.isfinite(float(rows[-1]["train_loss"]))
-    # The last good checkpoint is kept, with finite parameters.
-    newest_step, newest = list_checkpoints(tmp_path / "run" / "checkpoints")[0]
-    assert error.value.checkpoint == newest and newest_step <= step
-    assert all(torch.isfinite(p).all() for p in read_checkpoint(newest)["model"].values())
+    assert all(math.isfinite(float(row["train_loss"])) for row in rows[:-1])
+    # The last good checkpoint is kept: the newest whose parameters had a finite loss.
+    kept = [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert kept == [step - 1]
+    assert error.value.checkpoint == list_checkpoints(tmp_path / "run" / "checkpoints")[0][1]
+    assert str(error.value.checkpoint) in str(error.value)
+    model = read_checkpoint(error.value.checkpoint)["model"]
+    assert all(torch.isfinite(p).all() for p in model.values())
 
 
 # --------------------------------------------------------------------------- lr sweep
