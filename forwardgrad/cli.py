@@ -471,6 +471,7 @@ def _run_train(args, context: _Context) -> int:
             context.display,
             resume=True,
             download=context.download,
+            world=context.world,
         )
     else:
         config = _config_from_args(args)
@@ -496,6 +497,7 @@ def _run_train(args, context: _Context) -> int:
             resume=resume,
             download=context.download,
             command=context.argv,
+            world=context.world,
         )
         if record is not None and context.speaks:
             (run_dir / "lr_sweep.json").write_text(json.dumps(record, indent=2) + "\n")

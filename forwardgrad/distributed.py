@@ -249,6 +249,7 @@ class World:
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU).
         device: where communicated tensors live (the CPU for gloo, this rank's GPU for nccl).
         timeout_s: how long a collective waits for the other ranks before failing.
+        restart_count: how often torchrun has restarted the job (see ``Launch``).
         bytes_communicated: bytes handed to collectives so far.
     """
 
@@ -261,10 +262,11 @@ class World:
         device: torch.device | str = "cpu",
         timeout_s: float = DEFAULT_TIMEOUT_S,
         group: dist.ProcessGroup | None = None,
+        restart_count: int = 0,
     ):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.backend, self.device, self.timeout_s = backend, torch.device(device), timeout_s
-        self.group = group
+        self.group, self.restart_count = group, restart_count
         self.bytes_communicated = 0
 
     @property
@@ -284,7 +286,7 @@ class World:
                 raise
             cause = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             raise RankFailure(
-                f"rank {self.rank} of {self.world_size}: {what} failed: another rank died or "
+                f"rank {self.rank} of {self.world_size}: {what} failed: another rank died, or "
                 f"hung for more than the {self.timeout_s:g} s timeout (see that rank's log; "
                 f"{TIMEOUT_VARIABLE} sets the timeout). Restart from the last checkpoint with "
                 f"--resume, or let torchrun --max-restarts do it. The backend said: {cause}"
@@ -316,6 +318,13 @@ class World:
                 dist.broadcast(on_device, src=0, group=self.group)
                 if on_device is not tensor:
                     tensor.copy_(on_device)
+
+    def broadcast_object(self, value: object, what: str) -> object:
+        """Rank 0's ``value`` (anything picklable) on every rank: for decisions all must share."""
+        box = [value]
+        with self._collective(what):
+            dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
     def barrier_flag(self, ok: bool, what: str) -> bool:
         """Whether every rank passed ``ok=True``: a barrier that also carries success."""
@@ -416,7 +425,7 @@ def process_group(
             other ranks did not arrive within the timeout.
     """
     # Under torchrun the rendezvous store may be the agent's: only env:// knows how to reach it.
-    init_method = "env://" if launch is None else None
+    from_environment = launch is None
     launch = launch if launch is not None else detect_launch()
     if launch is None:
         raise DistributedError(
@@ -438,13 +447,17 @@ def process_group(
     if backend == "nccl":
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
+    url = (
+        "env://" if from_environment else f"tcp://{_host(launch.master_addr)}:{launch.master_port}"
+    )
+    timeout = datetime.timedelta(seconds=timeout_s)
     try:
+        store, _, _ = next(dist.rendezvous(url, launch.rank, launch.world_size, timeout=timeout))
+        # After a restart (torchrun --max-restarts) the store may still hold the failed attempt's
+        # keys, which would send gloo to processes that are gone: each attempt gets its own.
+        store = dist.PrefixStore(f"forwardgrad/attempt-{launch.restart_count}", store)
         dist.init_process_group(
-            backend,
-            init_method=init_method or f"tcp://{_host(launch.master_addr)}:{launch.master_port}",
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout
         )
     except (RuntimeError, dist.DistError) as error:
         raise DistributedError(
@@ -453,7 +466,13 @@ def process_group(
             "check that every rank was started with the same MASTER_ADDR and MASTER_PORT."
         ) from error
     world = World(
-        launch.rank, launch.world_size, launch.local_rank, backend, device, timeout_s, None
+        launch.rank,
+        launch.world_size,
+        launch.local_rank,
+        backend,
+        device,
+        timeout_s,
+        restart_count=launch.restart_count,
     )
     try:
         yield world

@@ -53,6 +53,7 @@ from forwardgrad.data import (
     pixel_stats,
     split_validation,
 )
+from forwardgrad.distributed import DEFAULT_CHECK_EVERY, DataParallel, World, weighted
 from forwardgrad.estimators import ESTIMATORS, Estimator, EstimatorError, make_estimator
 from forwardgrad.problems import (
     MODELS,
@@ -527,6 +528,16 @@ class MetricsLog:
         self._file.close()
 
 
+class _Unlogged:
+    """The metrics log of a rank other than 0 in a distributed run: rank 0 writes the file."""
+
+    def write(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
@@ -700,6 +711,7 @@ def train(
     resume: bool = False,
     download: bool = True,
     command: Sequence[str] | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train one estimator on one problem and write the run directory.
 
@@ -713,6 +725,9 @@ def train(
             if it has none). Metrics rows from that step on are replaced.
         download: whether a missing data set may be downloaded.
         command: the command line that started the run, recorded in config.json.
+        world: this rank of a distributed job (``forwardgrad.distributed.process_group``), or
+            None for one process. Every rank trains on its shard of the same global batches
+            and reaches the parameters one process would; only rank 0 writes to ``run_dir``.
 
     Returns:
         A ``TrainResult`` with the summary written to summary.json.
@@ -723,13 +738,17 @@ def train(
         ValueError, TypeError, DataError: bad settings, data or run directory.
     """
     config = replace(config).validate()
+    is_main = world is None or world.is_main  # the one process that writes files
+    if world is not None:
+        config.world_size = world.world_size
     run_dir = Path(run_dir)
-    _prepare_run_dir(run_dir, resume)
+    if is_main or resume:
+        _prepare_run_dir(run_dir, resume)
     checkpoint_dir = run_dir / "checkpoints"
     loaded = ckpt.load_latest_checkpoint(checkpoint_dir) if resume else None
-    for path, reason in loaded.skipped if loaded else []:
+    for path, reason in loaded.skipped if loaded and is_main else []:
         warnings.warn(f"skipped {path.name}: {reason}", CheckpointWarning, stacklevel=2)
-    if resume and loaded is None:
+    if resume and loaded is None and is_main:
         warnings.warn(
             f"{checkpoint_dir} holds no checkpoint; the run starts again from step 0.",
             CheckpointWarning,
@@ -738,7 +757,8 @@ def train(
 
     with _torch_threads(config.threads) as threads, _deferred_signals() as signals:
         config.threads = threads
-        task = make_task(config, download)
+        with world.main_first("loading the data") if world else contextlib.nullcontext():
+            task = make_task(config, download)
         steps = total_steps(config, task)
         torch.manual_seed(config.seed)
         model = task.make_model(config)
@@ -768,6 +788,11 @@ def train(
             estimator.load_state_dict(state["estimator"])
             task.load_state_dict(state["data"])
             ckpt.restore_rng_state(state["rng"])
+        forward_model = model  # the module the closure calls (DDP's wrapper for backprop)
+        if world is not None:
+            world.check_parameters(model, start)  # same initialisation, or same checkpoint
+            estimator = DataParallel(estimator, world)
+            forward_model = estimator.prepare(model)
         if start > steps:
             raise ValueError(
                 f"{run_dir} was checkpointed at step {start}, beyond the {steps} steps asked for; "
@@ -777,9 +802,18 @@ def train(
         if resume:  # keep the original command line; the rest may have been extended
             previous = json.loads((run_dir / "config.json").read_text())
             command = previous.get("command", command)
-        _write_json(run_dir / "config.json", _config_json(config, steps, command))
+        config_values = _config_json(config, steps, command)
+        config_values["bytes_communicated_per_step"] = (
+            estimator.bytes_per_step(model) if world is not None else 0
+        )
+        if is_main:
+            _write_json(run_dir / "config.json", config_values)
         columns = METRIC_COLUMNS + (TEST_FUNCTION_COLUMNS if config.is_test_function else ())
-        log = MetricsLog(run_dir / "metrics.csv", columns, keep_before=start)
+        log = (
+            MetricsLog(run_dir / "metrics.csv", columns, keep_before=start)
+            if is_main
+            else _Unlogged()
+        )
         _warm_up(model, estimator, task)
         memory = PeakMemory()
         last_eval: tuple[float, float] | None = None
@@ -789,7 +823,7 @@ def train(
 
         def save(step: int) -> Path | None:
             nonlocal saved_at, newest_checkpoint
-            if saved_at == step or not _params_finite(model):
+            if saved_at == step or not _params_finite(model) or not is_main:
                 return newest_checkpoint
             state = {
                 "step": step,
@@ -842,12 +876,17 @@ def train(
 
                 started = time.perf_counter()
                 batch = task.next_batch()
+                if world is None:
+                    closure = task.closure(model, batch)
+                else:  # this rank's share w_r·L_r of the global batch's mean loss
+                    shard, weight = world.shard(batch)
+                    closure = weighted(task.closure(forward_model, shard), weight)
                 try:
-                    last_loss = train_step(model, estimator, optimizer, task.closure(model, batch))
+                    last_loss = train_step(model, estimator, optimizer, closure)
                 except FloatingPointError as error:
                     loss = float(error.args[0])
                     log.write({**row, "train_loss": loss})
-                    kept = _last_good_checkpoint(checkpoint_dir, step)
+                    kept = _last_good_checkpoint(checkpoint_dir, step) if is_main else None
                     raise _diverged(config, run_dir, step, loss, lr, kept) from None
                 step_time = time.perf_counter() - started
 
@@ -856,6 +895,8 @@ def train(
                 elapsed += step_time
                 step_times.append(step_time)
                 done = step + 1
+                if world is not None and done % DEFAULT_CHECK_EVERY == 0:
+                    world.check_parameters(model, done)
                 if config.checkpoint_every and done % config.checkpoint_every == 0:
                     memory.pause()
                     save(done)
@@ -868,6 +909,8 @@ def train(
                     raise stop(done, signals[0])
 
             memory.pause()
+            if world is not None:
+                world.check_parameters(model, steps)
             save(steps)
             # The final row describes θ_steps: a fresh mini-batch's loss and a last evaluation.
             row = {"step": steps, "time_s": elapsed, "lr": lr_at(steps, config.lr, config.lr_decay)}
@@ -885,7 +928,9 @@ def train(
                 config, label, error.step, None, last_eval, step_times, memory, peak_before, {}
             )
             summary["diverged"] = True
-            _write_json(run_dir / "summary.json", summary)
+            summary["bytes_communicated_per_step"] = config_values["bytes_communicated_per_step"]
+            if is_main:
+                _write_json(run_dir / "summary.json", summary)
             raise
         finally:
             log.close()
@@ -901,7 +946,10 @@ def train(
         peak_before,
         task.position(model),
     )
-    _write_json(run_dir / "summary.json", summary)
+    # Measured in the last step (config.json holds the count expected from the model).
+    summary["bytes_communicated_per_step"] = estimator.bytes_last_step if world is not None else 0
+    if is_main:
+        _write_json(run_dir / "summary.json", summary)
     return TrainResult(run_dir=run_dir, summary=summary, resumed_from=loaded)
 
 

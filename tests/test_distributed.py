@@ -6,21 +6,28 @@ costs seconds on a small machine. Workers write what they saw to files; the test
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from forwardgrad import data
+from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
+from forwardgrad.cli import main
 from forwardgrad.distributed import (
     DataParallel,
     DistributedError,
@@ -38,6 +45,7 @@ from forwardgrad.distributed import (
     weighted,
 )
 from forwardgrad.estimators import Backprop, ForwardGradient, ZerothOrder
+from forwardgrad.problems import make_model
 
 WORLD_SIZE = 2
 EXAMPLES, BATCH, STEPS = 15, 7, 5  # batches of 7, 7, 1: the last leaves rank 1 an empty shard
@@ -360,9 +368,131 @@ def test_a_dead_or_hung_rank_stops_the_others_within_the_timeout(ranks, how):
     kind, message, _ = survivor["error"]
     assert kind == "RankFailure"
     assert "rank 0 of 2: the all-reduce of the step's 2 numbers failed" in message
-    assert "another rank died or hung for more than the 3 s timeout" in message
+    assert "another rank died, or hung for more than the 3 s timeout" in message
     waited = survivor["finished_at"] - survivor["failing_since"]
     assert waited < TIMEOUT_S + 3, f"rank 0 waited {waited:.1f} s"
     if how == "killed":
         assert failed is None and waited < TIMEOUT_S  # a dead peer is noticed without waiting
     assert issubclass(RankFailure, DistributedError)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SIZE, TEST_SIZE = 96, 40
+# Run under torchrun with the tiny data set registered; on the first attempt rank 1 kills
+# itself (SIGKILL) in training step KILL_RANK1_AT_STEP, if that is set.
+LAUNCHER = f"""
+import os, runpy, signal, sys
+from forwardgrad import data, training
+
+data.DATASETS["tiny"] = data.DatasetSpec(
+    name="tiny", mirrors=(), sha256=None, gz_md5=None, train_size={TRAIN_SIZE},
+    test_size={TEST_SIZE},
+)
+kill_at = int(os.environ.get("KILL_RANK1_AT_STEP", "0"))
+if kill_at and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    step, calls = training.train_step, []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(*args, **kwargs)
+
+    training.train_step = dying
+sys.argv[0] = "forwardgrad"
+runpy.run_module("forwardgrad", run_name="__main__")
+"""
+TRAIN_FLAGS = [
+    "train", "--problem", "logreg", "--dataset", "tiny", "--batch-size", "15", "--tangents", "2",
+    "--lr", "0.05", "--lr-decay", "0", "--steps", "12", "--checkpoint-every", "4",
+    "--eval-every", "6", "--log-every", "1", "--quiet",
+]  # fmt: skip
+
+
+def write_tiny_dataset(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    (root / "tiny").mkdir(parents=True)
+    for split, count in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 60, (count, 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 2 * label : 2 * label + 3, 4:24] = 250
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 0x08, array.ndim])
+            header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+            path = root / "tiny" / f"{split}-{kind}-ubyte"
+            path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    write_tiny_dataset(root / "data")
+    (root / "launcher.py").write_text(LAUNCHER)
+    return root
+
+
+def torchrun(root: Path, run_dir: Path, *extra: str, env: dict | None = None):
+    """``torchrun --standalone --nproc_per_node 2 launcher.py train ... --out run_dir``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(WORLD_SIZE), "--monitor-interval", "0.1", *extra,
+               str(root / "launcher.py"), *TRAIN_FLAGS, "--out", str(run_dir)]  # fmt: skip
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "FORWARDGRAD_DATA_DIR": str(root / "data"), "FORWARDGRAD_TIMEOUT_S": "30",
+               **(env or {})}  # fmt: skip
+    return subprocess.run(command, env=environ, capture_output=True, text=True, timeout=100)
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(list_checkpoints(run_dir / "checkpoints")[0][1])["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_root) -> Path:
+    run_dir = tiny_root / "uninterrupted"
+    finished = torchrun(tiny_root, run_dir)
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.count("report:") == 1, finished.stdout  # rank 0 alone speaks
+    return run_dir
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_train_equals_one_process(uninterrupted, tiny_root, monkeypatch, capsys):
+    monkeypatch.setitem(data.DATASETS, "tiny", data.DatasetSpec(
+        name="tiny", mirrors=(), sha256=None, gz_md5=None, train_size=TRAIN_SIZE,
+        test_size=TEST_SIZE))  # fmt: skip
+    monkeypatch.setenv("FORWARDGRAD_DATA_DIR", str(tiny_root / "data"))
+    single = tiny_root / "single"
+    assert main([*TRAIN_FLAGS, "--threads", "1", "--out", str(single)]) == 0
+    capsys.readouterr()
+    # float32 rounding of the shard sums: tiny against how far training moved the parameters.
+    torch.manual_seed(0)  # as training does before building the model
+    start = {k: v.detach() for k, v in make_model("logreg", 10).state_dict().items()}
+    for name, value in final_state(single).items():
+        moved = float((value - start[name]).abs().max())
+        assert moved > 0.1
+        difference = float((final_state(uninterrupted)[name] - value).abs().max())
+        assert difference < 1e-5 * moved, (name, difference, moved)
+    config = json.loads((uninterrupted / "config.json").read_text())
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert config["world_size"] == summary["world_size"] == 2
+    assert config["bytes_communicated_per_step"] == summary["bytes_communicated_per_step"] == 24
+    assert json.loads((single / "summary.json").read_text())["bytes_communicated_per_step"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_rank_is_restarted_from_the_last_checkpoint(uninterrupted, tiny_root):
+    run_dir = tiny_root / "restarted"
+    finished = torchrun(tiny_root, run_dir, "--max-restarts", "1", env={"KILL_RANK1_AT_STEP": "7"})
+    assert finished.returncode == 0, finished.stderr
+    assert "RankFailure" not in finished.stderr  # the survivor's error is one line, no traceback
+    assert "another rank died" in finished.stderr
+    # Resumed from step 4 and ended exactly where the uninterrupted run did.
+    for name, value in final_state(uninterrupted).items():
+        assert torch.equal(final_state(run_dir)[name], value), name
+    metrics = [(run_dir / "metrics.csv").read_text(), (uninterrupted / "metrics.csv").read_text()]
+    losses = [[row.split(",")[2] for row in text.splitlines()] for text in metrics]
+    assert losses[0] == losses[1]
