@@ -26,6 +26,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from forwardgrad import fast_paths as fp
 from forwardgrad import tangents as tg
 
 try:  # The math kernel is the one attention kernel with forward-mode formulas on every device.
@@ -523,6 +524,11 @@ class ForwardGradient(_Seeded):
         # Per model: whether the vectorised K-tangent pass works and agrees with K plain passes.
         # Legacy vmap's batching rules are checked once against the loop, never trusted blindly.
         self._batching: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # Models whose closure used an operation that fast_paths has no rule for.
+        self._general: weakref.WeakSet = weakref.WeakSet()
+        # K > 1: the tangent tensors of the last step, reused so that each step does not pay
+        # the page faults of fresh multi-megabyte allocations.
+        self._buffers: dict[int, torch.Tensor] = {}
 
     def describe(self) -> str:
         return f"forward (K={self.tangents}, {self.distribution}, {self.combine})"
@@ -584,11 +590,64 @@ class ForwardGradient(_Seeded):
 
     def estimate(self, model: nn.Module, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         _, params = _trainable(model)
+        loss = self._fast_estimate(model, closure, params)
+        if loss is not None:
+            return loss
         directions = self.sample(params)
         loss, derivatives = self.directional_derivatives(model, closure, params, directions)
         _check_finite(loss, derivatives)
         _write_grads(params, self.combine_estimate(derivatives, directions))
         return loss
+
+    def _fast_estimate(
+        self, model: nn.Module, closure: Callable[[], torch.Tensor], params: list[nn.Parameter]
+    ) -> torch.Tensor | None:
+        """The estimate by ``fast_paths``: the closure runs once with the K tangents stacked.
+
+        The same tangents as ``sample`` (same seed, same numbers), so the same estimate as the
+        general path to rounding. K = 1 draws each tangent into ``.grad`` just before its layer
+        runs and scales it there. Returns ``None``, with the model, buffers, RNG states and
+        generator as they were, when the closure uses an operation without a rule there (the
+        model then stays on the general path) or fails in any other way (the general path
+        then runs it again and reports the error).
+        """
+        if self.distribution not in fp.DISTRIBUTIONS or model in self._general:
+            return None
+        generator = self.generator(params[0].device)
+        generator_state = generator.get_state()
+        seed = tg.draw_seed(generator)
+        if self.tangents == 1:
+            source = fp.GradTangents(params, self.distribution, seed)
+        else:
+            source = fp.HeldTangents(params, self.tangents, self.distribution, seed, self._buffers)
+        had_grad = [p.grad is not None for p in params]
+        replay = _Replay(model)
+        try:
+            with _forward_mode_context():
+                loss, derivatives = fp.stacked_derivatives(
+                    lambda: _call_closure(closure), params, source, self.tangents
+                )
+            _check_finite(loss, derivatives)
+        except Exception as error:
+            for p, had in zip(params, had_grad):  # K = 1 drew tangents into .grad
+                if not had:
+                    p.grad = None
+                elif self.tangents == 1:
+                    p.grad.zero_()
+            if isinstance(error, EstimatorError):
+                raise
+            if isinstance(error, fp.Unsupported):
+                self._general.add(model)
+            replay.rewind()
+            generator.set_state(generator_state)
+            return None
+        if self.combine == "mean":
+            coefficients = tg.mean_coefficients(derivatives)
+        else:
+            num_params = sum(p.numel() for p in params)
+            coefficients = tg.projection_coefficients(derivatives, source.gram(), num_params)
+        source.write_grads(coefficients)
+        return loss.detach()
 
 
 class ZerothOrder(_Seeded):

@@ -75,21 +75,157 @@ def sample_tangents(
     check_distribution(distribution)
     if distribution == "orthogonal":
         return _orthogonal(params, count, generator)
-    return [_draw(distribution, (count, *p.shape), p, generator) for p in params]
+    seed = draw_seed(generator)
+    return [parameter_tangents(p, count, distribution, seed, i) for i, p in enumerate(params)]
 
 
-def _draw(
-    distribution: str, shape: tuple, like: torch.Tensor, generator: torch.Generator | None
+# ---------------------------------------------------------------------------------------------
+# Seeded streams: the tangent of parameter i for one step is a pure function of (seed, i, k), so a
+# caller can draw it just before the layer runs and draw it again for the update instead of
+# holding it (ForwardSGD, the memory-lean paths of ``forwardgrad.fast_paths``).
+
+# Values per stream. Fixed, so the numbers do not depend on how many threads draw them.
+CHUNK = 1 << 18
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(value: int) -> int:
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed that hashes ``keys`` (splitmix64), so nearby keys give unrelated streams."""
+    value = 0
+    for key in keys:
+        value = _splitmix64(value ^ (int(key) & _MASK64))
+    return value >> 1
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """One step's seed from ``generator`` (``None``: torch's global generator)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+
+
+def parameter_tangents(
+    like: torch.Tensor,
+    count: int,
+    distribution: str,
+    seed: int,
+    index: int,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    # Sample on the generator's device, then move: the same seed gives the same numbers whether
-    # the parameters live on the CPU or an accelerator.
-    device = generator.device if generator is not None else like.device
-    out = torch.empty(shape, dtype=like.dtype, device=device)
-    if distribution == "normal":
-        out.normal_(generator=generator)
-    else:
-        out.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+    """The ``count`` tangents of parameter ``index`` in the step seeded by ``seed``.
+
+    Entry k (shape of ``like``) is a pure function of ``(seed, index, k)``, the distribution and
+    ``like``'s shape and dtype: drawing it again gives the same numbers. Values come in streams
+    of ``CHUNK``, each its own generator on ``device`` (default: ``like``'s), so that the two
+    halves of a large tensor can be drawn on two threads with the same result.
+
+    Args:
+      like: the parameter whose shape and dtype the tangents take.
+      count: K.
+      distribution: ``"normal"`` or ``"rademacher"`` (orthogonal tangents couple all
+        parameters; see ``sample_tangents``).
+      seed: the step's seed (``draw_seed``).
+      index: the parameter's position in the model's list of trainable parameters.
+      device: where the random numbers are drawn; the result is moved to ``like``'s device.
+
+    Returns:
+      A tensor of shape ``(count, *like.shape)``.
+    """
+    check_distribution(distribution, ("normal", "rademacher"))
+    device = torch.device(device) if device is not None else like.device
+    out = torch.empty((count, *like.shape), dtype=like.dtype, device=device)
+    for k in range(count):
+        fill_tangent(out[k], distribution, seed, index, k)
     return out.to(like.device)
+
+
+def fill_tangent(
+    out: torch.Tensor, distribution: str, seed: int, index: int, k: int
+) -> torch.Tensor:
+    """Write tangent k of parameter ``index`` for step ``seed`` into ``out`` (contiguous), in place.
+
+    The same numbers as ``parameter_tangents(out, ...)[k]``; this form lets a caller reuse a
+    buffer, e.g. ``.grad``.
+    """
+    flat = out.view(-1)
+    chunks = [
+        (flat[start : start + CHUNK], stream_seed(seed, index, k, start // CHUNK))
+        for start in range(0, flat.numel(), CHUNK)
+    ]
+    fill = _fill_normal if distribution == "normal" else _fill_rademacher
+    if len(chunks) > 1 and flat.device.type == "cpu" and torch.get_num_threads() > 1:
+        # Each stream is serial inside torch; the streams themselves are independent.
+        list(_pool().map(lambda chunk: fill(*chunk), chunks))
+    else:
+        for chunk in chunks:
+            fill(*chunk)
+    return out
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="forwardgrad-tangents")
+    return _POOL
+
+
+def _generator(seed: int, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _fill_normal(out: torch.Tensor, seed: int) -> None:
+    out.normal_(generator=_generator(seed, out.device))
+
+
+# Per floating dtype: the integer type of the same width and the bit pattern of +1.0.
+_FLOAT_BITS = {
+    torch.float32: (torch.int32, 0x3F800000),
+    torch.float64: (torch.int64, 0x3FF0000000000000),
+    torch.float16: (torch.int16, 0x3C00),
+    torch.bfloat16: (torch.int16, 0x3F80),
+}
+
+
+def _fill_rademacher(out: torch.Tensor, seed: int) -> None:
+    # 64 signs from every 64 random bits: one generator call per word, not one per sign as with
+    # bernoulli_. Bit j of a word becomes the sign bit of +1.0 in lane j: three integer passes.
+    size = out.numel()
+    words = torch.empty((size + 63) // 64, dtype=torch.int64, device=out.device)
+    words.random_(-(2**63), None, generator=_generator(seed, out.device))
+    if out.dtype not in _FLOAT_BITS:
+        bits = (words.view(torch.uint8).unsqueeze(1) >> torch.arange(8, device=out.device)) & 1
+        out.copy_(1 - 2 * bits.view(-1)[:size].to(out.dtype))
+        return
+    integer, one = _FLOAT_BITS[out.dtype]
+    lanes = torch.iinfo(integer).bits
+    lane_words = words.view(integer)
+    whole = size // lanes
+    _signs_into(lane_words[:whole], one, out[: whole * lanes].view(integer).view(whole, lanes))
+    if size % lanes:
+        tail = torch.empty(1, lanes, dtype=integer, device=out.device)
+        _signs_into(lane_words[whole : whole + 1], one, tail)
+        out[whole * lanes :].view(integer).copy_(tail.view(-1)[: size % lanes])
+
+
+def _signs_into(words: torch.Tensor, one: int, out: torch.Tensor) -> None:
+    """out[w, j] = the bits of +1.0 with the sign bit set to bit j of ``words[w]``."""
+    lanes = out.shape[1]
+    shifts = torch.arange(lanes - 1, -1, -1, dtype=out.dtype, device=out.device)
+    torch.bitwise_left_shift(words.unsqueeze(1), shifts, out=out)  # bit j to the top
+    out.bitwise_and_(torch.iinfo(out.dtype).min).bitwise_or_(one)
 
 
 def _orthogonal(
