@@ -1,0 +1,134 @@
+"""ForwardSGD: forward-gradient descent in place, holding neither ``.grad`` nor a whole tangent.
+
+Baydin et al. 2022, Algorithm 1, for each step:
+
+    v_1..v_K ~ p(v),   d_k = ∇L(θ)·v_k (forward-mode AD),   θ ← θ − (η/K) Σ_k d_k v_k.
+
+Each parameter's tangents are a pure function of the step's seed and the parameter's position
+(``tangents.parameter_tangents``). They are drawn when the parameter's layer runs (through
+``fast_paths``) and dropped after it; once the d_k are known each v_k is drawn again, one
+parameter at a time, and added to the parameter in place. So the step's memory is that of
+inference plus one parameter's tangents, as for MeZO's zeroth-order SGD (Malladi et al. 2023),
+but with exact directional derivatives.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from forwardgrad import fast_paths as fp
+from forwardgrad import tangents as tg
+from forwardgrad.estimators import (
+    ForwardGradient,
+    _call_closure,
+    _check_finite,
+    _forward_mode_context,
+    _Replay,
+    _trainable,
+)
+
+
+class ForwardSGD(torch.optim.Optimizer):
+    """Plain SGD on forward gradients, applied in place: ``loss = opt.step(closure)``.
+
+    θ ← θ − η · (1/K) Σ_k d_k v_k with d_k = ∇L·v_k; see the module docstring for the memory
+    argument. ``closure()`` returns the scalar loss computed with ``model`` and must not call
+    ``backward()``. BatchNorm statistics are updated once per step and Dropout draws one mask.
+    When the model uses an operation that ``fast_paths`` has no rule for, the step falls back
+    to the general forward-mode path, which holds the whole tangent for that step.
+
+    It is a ``torch.optim.Optimizer``: learning-rate schedulers work on it, and ``state_dict``
+    carries the tangent generator's state, so a resumed run draws the same tangents.
+
+    Args:
+      model: the ``nn.Module`` whose trainable parameters are updated.
+      lr: η > 0.
+      tangents: K >= 1 directions averaged per step.
+      distribution: ``"normal"`` or ``"rademacher"``.
+      seed: seeds the tangents; ``None`` draws one from torch's global generator.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        tangents: int = 1,
+        distribution: str = "normal",
+        seed: int | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"ForwardSGD takes the model, not {type(model).__name__}: it runs the closure "
+                "with the model's parameters carrying tangents, e.g. ForwardSGD(model, lr=1e-3)."
+            )
+        number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+        if not number or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"lr must be a positive finite number (e.g. 1e-3), got {lr!r}.")
+        tg.check_distribution(distribution, fp.DISTRIBUTIONS)
+        _, params = _trainable(model)
+        super().__init__(params, {"lr": float(lr)})
+        self.model = model
+        self.estimator = ForwardGradient(tangents, distribution, "mean", seed)
+        self._general: weakref.WeakSet = weakref.WeakSet()
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """One forward-gradient step; returns the loss before the update, detached."""
+        if closure is None:
+            raise ValueError(
+                "ForwardSGD.step needs the closure: loss = opt.step(closure), where closure() "
+                "returns the loss computed with the model, without calling backward()."
+            )
+        params = [p for group in self.param_groups for p in group["params"]]
+        rates = [group["lr"] for group in self.param_groups for _ in group["params"]]
+        estimator = self.estimator
+        seed = tg.draw_seed(estimator.generator(params[0].device))
+        loss, derivatives = self._derivatives(closure, params, seed)
+        _check_finite(loss, derivatives)
+        coefficients = tg.mean_coefficients(derivatives).tolist()
+        with torch.no_grad():
+            for index, (p, lr) in enumerate(zip(params, rates)):
+                tangent = torch.empty_like(p, memory_format=torch.contiguous_format)
+                for k, c in enumerate(coefficients):
+                    tg.fill_tangent(tangent, estimator.distribution, seed, index, k)
+                    p.add_(tangent, alpha=-lr * c)
+        return loss
+
+    def _derivatives(
+        self, closure: Callable[[], torch.Tensor], params: list[torch.Tensor], seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        estimator, model = self.estimator, self.model
+        count, distribution = estimator.tangents, estimator.distribution
+        if model not in self._general:
+            replay = _Replay(model)
+            source = fp.DrawnTangents(params, count, distribution, seed)
+            try:
+                with _forward_mode_context():
+                    loss, derivatives = fp.stacked_derivatives(
+                        lambda: _call_closure(closure), params, source, count
+                    )
+                return loss.detach(), derivatives
+            except Exception as error:  # the general path runs it again and reports errors
+                if isinstance(error, fp.Unsupported):
+                    self._general.add(model)
+                replay.rewind()
+        directions = [
+            tg.parameter_tangents(p, count, distribution, seed, i) for i, p in enumerate(params)
+        ]
+        return estimator.directional_derivatives(model, closure, params, directions)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["tangents"] = self.estimator.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        tangents = state_dict.pop("tangents", None)
+        super().load_state_dict(state_dict)
+        if tangents is not None:
+            self.estimator.load_state_dict(tangents)
