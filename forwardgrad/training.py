@@ -895,7 +895,9 @@ def train(
                 elapsed += step_time
                 step_times.append(step_time)
                 done = step + 1
-                if world is not None and done % DEFAULT_CHECK_EVERY == 0:
+                # After the first step (ranks that drew different tangents differ at once), then
+                # every few hundred.
+                if world is not None and (done == start + 1 or done % DEFAULT_CHECK_EVERY == 0):
                     world.check_parameters(model, done)
                 if config.checkpoint_every and done % config.checkpoint_every == 0:
                     memory.pause()
