@@ -814,7 +814,7 @@ def _run_command(args: argparse.Namespace, context: _Context) -> int:
         raise UsageError(
             f"only 'train' runs distributed under torchrun; run '{args.command}' as one process."
         )
-    with process_group() as world:
+    with process_group(backend="gloo") as world:  # training runs on the CPU
         context.world = world
         if not world.is_main:
             context.display.mode = "none"

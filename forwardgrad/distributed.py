@@ -582,7 +582,8 @@ class DataParallel(Estimator):
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [self.world.device] if self.world.device.type == "cuda" else None
+        device = next(model.parameters()).device
+        device_ids = [device] if device.type == "cuda" else None
         with self.world._collective("wrapping the model in DistributedDataParallel"):
             ddp = DistributedDataParallel(
                 model, device_ids=device_ids, process_group=self.world.group

@@ -742,8 +742,9 @@ def train(
     if world is not None:
         config.world_size = world.world_size
     run_dir = Path(run_dir)
-    if is_main or resume:
-        _prepare_run_dir(run_dir, resume)
+    with world.main_first("preparing the run directory") if world else contextlib.nullcontext():
+        if is_main or resume:
+            _prepare_run_dir(run_dir, resume)
     checkpoint_dir = run_dir / "checkpoints"
     loaded = ckpt.load_latest_checkpoint(checkpoint_dir) if resume else None
     for path, reason in loaded.skipped if loaded and is_main else []:
