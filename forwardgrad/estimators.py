@@ -463,12 +463,15 @@ class _Seeded(Estimator):
         self._generators: dict[str, torch.Generator] = {}
 
     def generator(self, device: torch.device | str) -> torch.Generator:
-        """This estimator's generator on ``device`` (one stream per device, from the seed)."""
+        """This estimator's generator on ``device``, seeded by the seed alone.
+
+        The stream must not depend on the device index: data-parallel ranks on cuda:0 and
+        cuda:1 have to draw the same tangents.
+        """
         device = torch.device(device)
         key = str(device)
         if key not in self._generators:
-            offset = 0 if device.type == "cpu" else 1 + (device.index or 0)
-            self._generators[key] = _as_generator(self.seed + offset, device)
+            self._generators[key] = _as_generator(self.seed, device)
         return self._generators[key]
 
     def state_dict(self) -> dict:
