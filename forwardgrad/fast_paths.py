@@ -214,6 +214,7 @@ class StackedTangents(TorchFunctionMode):
         self._tangent_of = tangent_of
         self._tangents = WeakIdKeyDictionary()
         self.boundary = None  # the frame that runs the closure: where the stack search stops
+        self.last_references = 0  # see _calibrate
 
     def tangent(self, value: object) -> torch.Tensor | None:
         """The ``(K, *shape)`` tangent of ``value``, or ``None`` if it is a constant."""
@@ -312,53 +313,79 @@ def _linear(mode, func, x, weight, bias=None):
     out = func(x, weight, bias)
     tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
     count = mode.count
-    tangent = None
+    tangent = None  # kept of shape (K, *out.shape); the products work on views of it
     if tx is not None:
         tangent = F.linear(tx, weight)  # all K·B rows in one product
     if tw is not None:
         rows = x.reshape(-1, x.shape[-1])
+        beta = 1
         if tangent is None:
-            shape = (count, rows.shape[0], weight.shape[0])
-            tangent = torch.empty(shape, dtype=out.dtype, device=out.device)
+            tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
             beta = 0  # addmm ignores the uninitialised input
-        else:
-            tangent = tangent.view(count, rows.shape[0], weight.shape[0])
-            beta = 1
+        stacked = tangent.view(count, rows.shape[0], weight.shape[0])
         if count == 1:
-            tangent[0].addmm_(rows, tw[0].T, beta=beta)
+            stacked[0].addmm_(rows, tw[0].T, beta=beta)
         else:
-            tangent.baddbmm_(rows.expand(count, *rows.shape), tw.transpose(1, 2), beta=beta)
+            stacked.baddbmm_(rows.expand(count, *rows.shape), tw.transpose(1, 2), beta=beta)
     if tb is not None:
         bias_tangent = _lift(tb, out.dim())
-        tangent = (
-            bias_tangent if tangent is None else tangent.view(count, *out.shape).add_(bias_tangent)
-        )
-    return mode.track(out, None if tangent is None else tangent.reshape(count, *out.shape))
+        tangent = bias_tangent if tangent is None else tangent.add_(bias_tangent)
+    return mode.track(out, tangent)
+
+
+def _shaped(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``t``, just computed, given ``shape`` in place rather than viewed: it stays a base
+    tensor, which a later operation may overwrite (see ``_is_temporary``)."""
+    if t.shape == tuple(shape):
+        return t
+    if t.is_contiguous() and not t._is_view():
+        return t.resize_(shape)
+    return t.reshape(shape)
 
 
 def _convolution(mode, func, x, weight, bias=None, *args, **kwargs):
     out = func(x, weight, bias, *args, **kwargs)
     tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
     count, batched = mode.count, x.dim() == weight.dim()
+    if tw is not None and _arg(args, kwargs, 3, "groups", 1) != 1:
+        raise Unsupported("no stacked-tangent rule for a grouped convolution's weight")
     tangent = None
-    if tx is not None:
-        inputs = tx.flatten(0, 1) if batched else tx
-        tangent = func(inputs, weight, None, *args, **kwargs).view(count, *out.shape)
-    if tw is not None:
-        groups = _arg(args, kwargs, 3, "groups", 1)
-        if groups != 1:
-            raise Unsupported("no stacked-tangent rule for a grouped convolution's weight")
-        stacked = func(x, tw.flatten(0, 1), None, *args, **kwargs)  # (B, K·C_out, ...)
-        if batched:
-            stacked = stacked.view(out.shape[0], count, *out.shape[1:]).transpose(0, 1)
+    if tx is not None or tw is not None:
+        slices = _batch_slices(out, 2 * count) if batched else [slice(None)]
+        if len(slices) == 1:
+            tangent = _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs)
         else:
-            stacked = stacked.view(count, *out.shape)
-        tangent = stacked.contiguous() if tangent is None else tangent.add_(stacked)
+            # A slice of the batch at a time: whole, each product would leave one more
+            # activation-sized temporary (two, when oneDNN reorders its output) at the peak.
+            tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
+            for rows in slices:
+                part = None if tx is None else tx[:, rows]
+                tangent[:, rows] = _convolution_tangent(
+                    func, x[rows], part, weight, tw, count, args, kwargs
+                )
     if tb is not None:
         channel = 1 if batched else 0
         bias_tangent = tb.reshape(count, *([1] * channel), -1, *([1] * (out.dim() - channel - 1)))
         tangent = bias_tangent if tangent is None else tangent.add_(bias_tangent)
     return mode.track(out, tangent)
+
+
+def _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs) -> torch.Tensor:
+    """ẋ_k ⊛ W + x ⊛ V_k for all k: one convolution of the K·B tangent images, and one of
+    the images with the K weight tangents stacked as K·C_out filters."""
+    batched = x.dim() == weight.dim()
+    result = None
+    if tx is not None:
+        images = func(tx.flatten(0, 1) if batched else tx, weight, None, *args, **kwargs)
+        result = _shaped(images, (count, *([x.shape[0]] if batched else []), *images.shape[1:]))
+    if tw is not None:
+        stacked = func(x, tw.flatten(0, 1), None, *args, **kwargs)  # (B, K·C_out, ...)
+        if batched:
+            stacked = stacked.unflatten(1, (count, -1)).transpose(0, 1)
+        else:
+            stacked = stacked.unflatten(0, (count, -1))
+        result = stacked.contiguous() if result is None else result.add_(stacked)
+    return result
 
 
 def _matmul(mode, func, a, b):
@@ -400,17 +427,91 @@ def _scaled(derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
 
 
 def _relu(mode, func, x, *args, **kwargs):
+    references = sys.getrefcount(x)  # first, so that it counts the same as in _calibrate
+    mode.last_references = references
     inplace = func in _IN_PLACE_RELU or bool(_arg(args, kwargs, 0, "inplace", False))
     tx = mode.tangent(x)
     if inplace:
         if id(x) in mode._index or x._is_view() or _shares_storage(mode, x):
             raise Unsupported("no stacked-tangent rule for in-place relu on a view or parameter")
         out = torch.relu_(x)
+    elif _is_temporary(mode, func, x, tx, references):
+        # Nothing else can see x or its tangent (say relu(conv(x))): reuse both, which saves
+        # two activation-sized tensors at the peak of a convolutional network's step.
+        out = torch.relu_(x)
+        torch.ops.aten.threshold_backward.grad_input(tx, out, 0, grad_input=tx)
+        return mode.track(out, tx)
     else:
         out = torch.relu(x)
     # ẏ = ẋ where y > 0, else 0: relu's own backward kernel, broadcast over K.
     tangent = torch.ops.aten.threshold_backward(tx, out, 0)
     return mode.track(out, tangent)
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    """How many tensors share ``t``'s storage (views included), as ATen counts them."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return 2**30
+    return count(t.untyped_storage()._cdata) - 1  # less the storage object made here
+
+
+def _is_temporary(mode, func, x, tx, references: int) -> bool:
+    """Whether ``x`` and its tangent are intermediates that no Python name, container or view
+    holds, so that an operation may overwrite them.
+
+    A Python reference held anywhere shows in ``sys.getrefcount``: ``_calibrate`` measures the
+    count of a bare temporary through each entry point, and of a named one, and only where the
+    two differ is the test used. Views are caught by ATen's count of a storage's users.
+    """
+    limit = _temporary_references().get(func)
+    return (
+        limit is not None
+        and references <= limit
+        and tx is not None
+        and id(x) not in mode._index
+        and not x._is_view()
+        and not tx._is_view()
+        and tx.shape[1:] == x.shape
+        and tx.is_contiguous()
+        and _storage_users(x) == 1
+        and _storage_users(tx) == 1
+    )
+
+
+_TEMPORARY_REFERENCES: dict | None = None
+
+
+def _temporary_references() -> dict:
+    global _TEMPORARY_REFERENCES
+    if _TEMPORARY_REFERENCES is None:
+        _TEMPORARY_REFERENCES = {}  # no reuse while calibrating
+        _TEMPORARY_REFERENCES = _calibrate()
+    return _TEMPORARY_REFERENCES
+
+
+def _calibrate() -> dict:
+    """sys.getrefcount of a temporary reaching ``_relu`` through each entry point, kept only
+    where a named tensor counts more. Written out call by call: a helper function would hold
+    one more reference."""
+    weight = torch.ones(2)
+    mode = StackedTangents([weight], lambda i: torch.ones(1, 2), 1)
+    counts = {}
+    with torch.no_grad(), mode:
+        torch.relu(weight * 1.0)
+        temporary = mode.last_references
+        named = weight * 1.0
+        torch.relu(named)
+        counts[torch.relu] = (temporary, mode.last_references)
+        F.relu(weight * 1.0)
+        temporary = mode.last_references
+        F.relu(named)
+        counts[F.relu] = (temporary, mode.last_references)
+        (weight * 1.0).relu()
+        temporary = mode.last_references
+        named.relu()
+        counts[torch.Tensor.relu] = (temporary, mode.last_references)
+    return {func: bare for func, (bare, held) in counts.items() if held > bare}
 
 
 def _shares_storage(mode, x: torch.Tensor) -> bool:
@@ -564,12 +665,41 @@ def _max_pool(mode, func, x, *args, **kwargs):
     wants_indices = options.pop("return_indices", func is F.max_pool2d_with_indices)
     if options.get("stride") == ():  # torch.max_pool2d's default: the kernel size
         options["stride"] = None
-    out, indices = F.max_pool2d(x, **options, return_indices=True)
-    # ẏ = ẋ at the position of each maximum: gather it from every tangent.
-    tx = mode.tangent(x).flatten(-2)
-    where = indices.flatten(-2).expand(mode.count, *indices.shape[:-2], -1)
-    mode.track(out, tx.gather(-1, where).view(mode.count, *out.shape))
-    return (out, indices) if wants_indices else out
+    tx, count = mode.tangent(x), mode.count
+    slices = [slice(None)] if wants_indices or x.dim() == 3 else _batch_slices(x, 2)
+    if len(slices) == 1:
+        out, indices = F.max_pool2d(x, **options, return_indices=True)
+        mode.track(out, _gather_maxima(tx, indices, count))
+        return (out, indices) if wants_indices else out
+    # Big: the int64 indices of the whole batch would be an activation-sized temporary; pool
+    # again a slice at a time for the tangent instead.
+    out = F.max_pool2d(x, **options)
+    tangent = torch.empty((count, *out.shape), dtype=tx.dtype, device=tx.device)
+    for rows in slices:
+        _, indices = F.max_pool2d(x[rows], **options, return_indices=True)
+        tangent[:, rows] = _gather_maxima(tx[:, rows], indices, count)
+    return mode.track(out, tangent)
+
+
+def _gather_maxima(tx: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
+    """ẏ = ẋ at the position of each maximum, for every tangent."""
+    where = indices.flatten(-2).expand(count, *indices.shape[:-2], -1)
+    return _shaped(tx.flatten(-2).gather(-1, where), (count, *indices.shape))
+
+
+# Activation-sized temporaries above this are computed a slice of the batch at a time.
+TEMPORARY_BYTES = 32 * 2**20
+
+
+def _batch_slices(like: torch.Tensor, factor: int) -> list[slice]:
+    """Slices of dim 0 of ``like`` such that ``factor`` times a slice of it fits
+    ``TEMPORARY_BYTES`` (one slice, the whole batch, when all of it does)."""
+    total = factor * like.numel() * like.element_size()
+    pieces = min(-(-total // TEMPORARY_BYTES), like.shape[0])
+    if pieces <= 1:
+        return [slice(None)]
+    size = -(-like.shape[0] // pieces)
+    return [slice(start, start + size) for start in range(0, like.shape[0], size)]
 
 
 def _pooled(mode, func, x, *args, **kwargs):
@@ -578,7 +708,7 @@ def _pooled(mode, func, x, *args, **kwargs):
     tx = mode.tangent(x)
     batched = x.dim() == 4
     tangent = func(tx.flatten(0, 1) if batched else tx, *args, **kwargs)
-    return mode.track(out, tangent.view(mode.count, *out.shape))
+    return mode.track(out, _shaped(tangent, (mode.count, *out.shape)))
 
 
 def _dropout(mode, func, x, p=0.5, training=True, inplace=False):
