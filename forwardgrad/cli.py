@@ -699,6 +699,24 @@ def _run_plot(args, context: _Context) -> int:
     return 0
 
 
+def _add_bench(parser: argparse.ArgumentParser) -> None:
+    from forwardgrad import bench
+
+    bench.add_arguments(parser)
+
+
+def _run_bench(args, context: _Context) -> int:
+    from forwardgrad import bench
+
+    config = bench.config_from_args(args)
+    say = (lambda line: print(f"{PROG}: {line}", file=sys.stderr)) if context.speaks else None
+    results = bench.run_benchmark(config, progress=say)
+    json_path, md_path = bench.write_results(results, args.out)
+    print(bench.to_markdown(results))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: its help line, a function adding its flags and one running it."""
@@ -721,6 +739,11 @@ COMMANDS: dict[str, Command] = {
         _run_reproduce,
     ),
     "plot": Command("redraw plots and reports from the logs", _add_plot, _run_plot),
+    "bench": Command(
+        "time and peak memory of forward gradients against backprop (--quick: about a minute)",
+        _add_bench,
+        _run_bench,
+    ),
 }
 
 
