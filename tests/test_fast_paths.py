@@ -1,0 +1,304 @@
+"""Fast paths: seeded tangent streams, fast samplers, and the stacked-tangent evaluation against
+the general forward-mode path (same tangents, same estimate to float tolerance)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import forwardgrad as fg
+from forwardgrad import estimators as est
+from forwardgrad import fast_paths as fp
+from forwardgrad import tangents as tg
+from forwardgrad.problems import make_model
+
+# --- Tangent streams and samplers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distribution", fp.DISTRIBUTIONS)
+def test_parameter_tangents_are_a_function_of_seed_index_and_k(distribution):
+    like = torch.zeros(3, 5)
+    a = tg.parameter_tangents(like, 3, distribution, seed=11, index=2)
+    assert a.shape == (3, 3, 5)
+    assert torch.equal(a, tg.parameter_tangents(like, 3, distribution, 11, 2))
+    # tangent k does not depend on K, and fill_tangent draws the same numbers in place
+    assert torch.equal(a[:1], tg.parameter_tangents(like, 1, distribution, 11, 2))
+    buffer = torch.empty(3, 5)
+    assert torch.equal(tg.fill_tangent(buffer, distribution, 11, 2, 1), a[1])
+    for other in [(12, 2), (11, 3)]:
+        assert not torch.equal(a, tg.parameter_tangents(like, 3, distribution, *other))
+    assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("distribution", fp.DISTRIBUTIONS)
+def test_streams_do_not_depend_on_the_number_of_threads(distribution):
+    like = torch.zeros(2 * tg.CHUNK + 5)  # three streams, drawn on two threads when allowed
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tg.parameter_tangents(like, 1, distribution, 5, 0)
+        torch.set_num_threads(2)
+        two = tg.parameter_tangents(like, 1, distribution, 5, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("size", [1, 7, 63, 64, 1000, tg.CHUNK + 33])
+def test_rademacher_signs_for_every_dtype_and_size(dtype, size):
+    v = tg.parameter_tangents(torch.zeros(size, dtype=dtype), 1, "rademacher", 3, 0)[0]
+    assert v.dtype == dtype
+    assert set(v.unique().tolist()) <= {-1.0, 1.0}
+    if size >= 1000:
+        # the mean of n fair signs has standard deviation 1/sqrt(n)
+        assert abs(v.double().mean().item()) < 5 / math.sqrt(size)
+
+
+def test_rademacher_bits_are_independent_across_positions():
+    v = tg.parameter_tangents(torch.zeros(64 * 4096), 1, "rademacher", 9, 0)[0].view(-1, 64)
+    # E[v_i v_j] = 0 for i != j; each empirical correlation has std 1/sqrt(4096)
+    correlation = (v.T @ v) / v.shape[0]
+    off_diagonal = correlation - torch.eye(64)
+    assert off_diagonal.abs().max() < 5 / math.sqrt(v.shape[0])
+
+
+def test_normal_moments():
+    n = 200_000
+    v = tg.parameter_tangents(torch.zeros(n, dtype=torch.float64), 1, "normal", 4, 0)[0]
+    # sample mean ~ N(0, 1/n), sample variance ~ N(1, 2/n)
+    assert abs(v.mean().item()) < 5 / math.sqrt(n)
+    assert abs(v.var().item() - 1) < 5 * math.sqrt(2 / n)
+
+
+def test_stream_seeds_separate_nearby_keys():
+    seeds = {
+        tg.stream_seed(s, i, k, c)
+        for s in range(3)
+        for i in range(3)
+        for k in range(3)
+        for c in range(3)
+    }
+    assert len(seeds) == 81
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+# --- The stacked evaluation against the general path ------------------------------------------
+
+
+def reference_derivatives(model, closure, params, directions):
+    def evaluate(duals):
+        with est._parameters_replaced(model, {id(p): d for p, d in zip(params, duals)}):
+            return closure()
+
+    with est._forward_mode_context():  # K passes, each rewound: they count as one forward
+        loss, derivatives, _ = est.directional_derivatives_of(
+            evaluate, params, directions, est._Replay(model), batched=False
+        )
+    return loss, derivatives
+
+
+def assert_same_derivatives(model, closure, count, distribution="normal", atol=1e-5):
+    params = [p for p in model.parameters() if p.requires_grad]
+    source = fp.HeldTangents(params, count, distribution, seed=21)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        loss, derivatives = fp.stacked_derivatives(closure, params, source, count)
+    fast_buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(buffers)
+    torch.set_rng_state(rng)
+    directions = [
+        tg.parameter_tangents(p, count, distribution, 21, i) for i, p in enumerate(params)
+    ]
+    ref_loss, ref_derivatives = reference_derivatives(model, closure, params, directions)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    scale = ref_derivatives.abs().max().clamp_min(1.0).item()
+    assert torch.allclose(derivatives, ref_derivatives, rtol=0, atol=atol * scale)
+    for name, value in model.state_dict().items():  # BatchNorm statistics updated once
+        assert torch.allclose(fast_buffers[name].float(), value.float(), atol=1e-6), name
+
+
+def images(batch=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g)
+
+
+@pytest.mark.parametrize("name", ["logreg", "mlp", "cnn"])
+@pytest.mark.parametrize("count", [1, 3])
+def test_paper_models(name, count):
+    torch.manual_seed(0)
+    model = make_model(name)
+    x, y = images()
+    assert_same_derivatives(model, lambda: F.cross_entropy(model(x), y), count, "rademacher")
+
+
+def test_batch_slices_give_the_same_result(monkeypatch):
+    monkeypatch.setattr(fp, "TEMPORARY_BYTES", 2048)  # every convolution and pool sliced
+    torch.manual_seed(0)
+    model = make_model("cnn")
+    x, y = images(batch=5)
+    assert_same_derivatives(model, lambda: F.cross_entropy(model(x), y), 2)
+
+
+class Mixed(nn.Module):
+    """Most covered operations in one network."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 7 * 7, 16)
+        self.out = nn.Linear(16, 10)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        h = nn.functional.relu(self.bn(self.conv(x)), inplace=True)
+        h = F.avg_pool2d(torch.tanh(h), 2)
+        h = F.adaptive_avg_pool2d(h, 7).flatten(1)
+        h = F.gelu(self.fc(h)) + F.silu(self.fc(h)) * self.scale - torch.sigmoid(h[:, :16]) / 2
+        h = F.leaky_relu(h, 0.1).reshape(h.shape[0], 4, 4).transpose(1, 2).reshape(-1, 16)
+        h = torch.cat([h, h.exp().sqrt()], dim=1)[:, :16] ** 2
+        return F.log_softmax(self.out(F.dropout(h, 0.2, self.training)), dim=1)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_mixed_operations_batch_norm_and_dropout(train):
+    torch.manual_seed(1)
+    model = Mixed().double().train(train)
+    x, y = images(batch=5)
+    x = x.double()
+    assert_same_derivatives(model, lambda: F.nll_loss(model(x), y), 2, atol=1e-9)
+
+
+def test_losses():
+    torch.manual_seed(2)
+    model = nn.Linear(5, 3).double()
+    x = torch.randn(8, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, -100, 1, 0, 2, 1])
+    target = torch.randn(8, 3, dtype=torch.float64)
+    probabilities = torch.softmax(torch.randn(8, 3, dtype=torch.float64), 1)
+    closures = [
+        lambda: F.cross_entropy(model(x), y),  # ignore_index
+        lambda: F.cross_entropy(model(x), y.clamp_min(0), reduction="sum"),
+        lambda: F.cross_entropy(model(x), probabilities),
+        lambda: F.mse_loss(model(x), target),
+        lambda: F.mse_loss(model(x), target, reduction="sum") + model(x).mean(),
+        lambda: (model(x) @ model.weight).sum() + (x @ model.weight.T).mean(),
+    ]
+    for closure in closures:
+        assert_same_derivatives(model, closure, 2, atol=1e-10)
+
+
+def test_named_tensors_are_never_overwritten():
+    # relu may reuse a temporary in place; a tensor the closure still holds is not one.
+    model = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    kept = {}
+
+    def closure():
+        h = model(x)
+        kept["copy"], kept["h"] = h.clone(), h
+        return torch.relu(h).sum() + F.relu(h).sum() + h.relu().sum() + h.sum()
+
+    params = list(model.parameters())
+    with torch.no_grad():
+        fp.stacked_derivatives(closure, params, fp.HeldTangents(params, 1, "normal", 0), 1)
+    assert torch.equal(kept["copy"], kept["h"])
+    assert_same_derivatives(model, closure, 2)
+
+
+def test_unsupported_operation_raises_before_running():
+    model = nn.Linear(3, 2)
+    params = list(model.parameters())
+    with pytest.raises(fp.Unsupported, match="abs"), torch.no_grad():
+        fp.stacked_derivatives(
+            lambda: model(torch.ones(1, 3)).abs().sum(),
+            params,
+            fp.HeldTangents(params, 1, "normal", 0),
+            1,
+        )
+
+
+# --- Through ForwardGradient.estimate ----------------------------------------------------------
+
+
+def general_path(estimator, model):
+    estimator._general.add(model)  # the route a model without rules takes
+    return estimator
+
+
+@pytest.mark.parametrize(
+    ("count", "distribution", "combine"),
+    [
+        (1, "normal", "mean"),
+        (1, "rademacher", "projection"),
+        (3, "normal", "projection"),
+        (4, "rademacher", "mean"),
+    ],
+)
+def test_estimate_matches_the_general_path(count, distribution, combine):
+    torch.manual_seed(0)
+    model = make_model("mlp")
+    x, y = images(batch=4)
+
+    def closure():
+        return F.cross_entropy(model(x), y)
+
+    fast = fg.ForwardGradient(count, distribution, combine, seed=3)
+    slow = general_path(fg.ForwardGradient(count, distribution, combine, seed=3), model)
+    for _ in range(2):  # the second step reuses the .grad and tangent buffers
+        fast.estimate(model, closure)
+        fast_grads = [p.grad.clone() for p in model.parameters()]
+        slow.estimate(model, closure)
+        for p, g in zip(model.parameters(), fast_grads):  # float32 rounding of sums
+            assert torch.allclose(g, p.grad, rtol=0, atol=1e-5 * p.grad.abs().max().item())
+    assert model not in fast._general
+
+
+def test_k1_draws_into_the_existing_grad():
+    model = nn.Linear(3, 2)
+    estimator = fg.ForwardGradient(seed=0)
+    closure = lambda: model(torch.ones(2, 3)).sum()  # noqa: E731
+    estimator.estimate(model, closure)
+    pointers = [p.grad.data_ptr() for p in model.parameters()]
+    estimator.estimate(model, closure)
+    assert [p.grad.data_ptr() for p in model.parameters()] == pointers
+
+
+class Abs(nn.Module):
+    def forward(self, x):
+        return x.abs()
+
+
+def test_a_model_without_rules_falls_back_with_the_same_estimate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Abs(), nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+
+    def closure():
+        return model(x).pow(2).mean()
+
+    fast = fg.ForwardGradient(2, seed=4)
+    slow = general_path(fg.ForwardGradient(2, seed=4), model)
+    for _ in range(2):
+        fast.estimate(model, closure)
+        grads = [p.grad.clone() for p in model.parameters()]
+        slow.estimate(model, closure)
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert model in fast._general
+
+
+def test_parameters_unused_by_the_loss_get_their_tangent_too():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(3, 1), "unused": nn.Linear(3, 1)})
+    closure = lambda: model["used"](torch.ones(2, 3)).sum()  # noqa: E731
+    fast = fg.ForwardGradient(seed=5)
+    slow = general_path(fg.ForwardGradient(seed=5), model)
+    fast.estimate(model, closure)
+    grads = [p.grad.clone() for p in model.parameters()]
+    slow.estimate(model, closure)
+    assert all(torch.allclose(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert model["unused"].weight.grad.abs().sum() > 0
