@@ -1,0 +1,141 @@
+"""The benchmark library: alternation, the rows it returns, memory probes, tables, CLI."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from forwardgrad import bench, cli
+
+
+def test_alternate_rotates_the_order_and_discards_warmup():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = bench.alternate(steps, rounds=3, warmup=1)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    rounds = [calls[i : i + 3] for i in range(0, len(calls), 3)]
+    assert rounds == [list("abc"), list("bca"), list("cab"), list("abc")]
+
+
+def test_alternate_stops_at_the_budget_after_the_minimum_rounds():
+    times = bench.alternate({"a": lambda: None}, rounds=100, warmup=0, budget_s=0.0, min_rounds=3)
+    assert len(times["a"]) == 3
+
+
+def test_time_steps_rows():
+    contenders = [bench.FORWARD, bench.forward_gradient(2, "rademacher"), bench.ZEROTH_ORDER]
+    rows = bench.time_steps("logreg", 8, contenders, rounds=2, warmup=1)
+    by_key = {row["contender"]: row for row in rows}
+    assert set(by_key) == {"backprop", *(c.key for c in contenders)}
+    assert by_key["backprop"]["ratio_to_backprop"] == 1.0
+    for row in rows:
+        assert row["median_ms"] > 0 and row["steps"] == 2 and row["batch"] == 8
+
+
+def test_every_contender_steps_and_changes_the_model():
+    for contender in [bench.BACKPROP, bench.forward_gradient(1), bench.forward_sgd("rademacher")]:
+        model, images, labels = bench.make_problem("deep-mlp", 4, depth=2, width=8)
+        before = [p.detach().clone() for p in model.parameters()]
+        bench.make_step(contender, model, images, labels, lr=0.1)()
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_deep_mlp_depth():
+    model = bench.deep_mlp(3, width=16)
+    assert sum(isinstance(m, torch.nn.Linear) for m in model) == 4  # 3 hidden layers + output
+    with pytest.raises(ValueError, match="needs a depth"):
+        bench.make_problem("deep-mlp", 2)
+
+
+def test_sampling_throughput_rows():
+    rows = bench.sampling_throughput(size=10_000, rounds=2, warmup=0)
+    methods = {row["method"] for row in rows}
+    assert {"forwardgrad normal", "torch normal_", "forwardgrad rademacher"} <= methods
+    assert all(row["values_per_s"] > 0 for row in rows)
+
+
+def test_memory_probe_in_a_fresh_process():
+    result = bench.peak_memory("logreg", 16, bench.BACKPROP, threads=1)
+    assert result["peak_bytes"] >= result["resident_bytes"] > 0
+    assert result["above_bytes"] >= 0
+
+
+def fake_results():
+    timing = [
+        {
+            "model": "mlp",
+            "batch": 64,
+            "contender": c.key,
+            "label": c.label,
+            "steps": 20,
+            "median_ms": ms,
+            "ratio_to_backprop": ms / 5.0,
+        }
+        for c, ms in [(bench.BACKPROP, 5.0), (bench.forward_gradient(1), 4.0)]
+    ]
+    memory = [
+        {
+            "model": "deep-mlp",
+            "depth": 4,
+            "batch": 1024,
+            "contender": c.key,
+            "label": c.label,
+            "param_bytes": 2**24,
+            "above_resident_bytes": b,
+            "ratio_to_backprop": b / 2**25,
+            "method": "VmHWM after clear_refs",
+        }
+        for c, b in [(bench.BACKPROP, 2**25), (bench.forward_sgd(), 2**23)]
+    ]
+    sampling = [
+        {"method": "torch normal_", "values": 10, "median_ms": 1.0, "values_per_s": 1e8},
+        {"method": "forwardgrad rademacher", "values": 10, "median_ms": 0.1, "values_per_s": 1e9},
+    ]
+    return {
+        "started": "2024-01-01T00:00:00+00:00",
+        "machine": bench.machine(),
+        "load_average_after": [1.0, 1.0, 1.0],
+        "timing": timing,
+        "sampling": sampling,
+        "memory": memory,
+    }
+
+
+def test_markdown_and_files(tmp_path):
+    results = fake_results()
+    text = bench.to_markdown(results)
+    assert "| mlp | 64 | 5.0 ms (n=20) | 0.80x |" in text
+    assert "| forwardgrad rademacher | 1.000 | 10.00x |" in text
+    assert "| deep-mlp depth 4 | 1024 | 16 MiB | 32 MiB (1.00x) | 8 MiB (0.25x) |" in text
+    json_path, md_path = bench.write_results(results, tmp_path / "out")
+    assert json.loads(json_path.read_text())["timing"][1]["ratio_to_backprop"] == 0.8
+    assert md_path.read_text() == text
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.config_from_args(parser.parse_args(list(argv)))
+
+
+def test_config_from_flags():
+    quick = parse("--quick")
+    assert quick.rounds == 5 and quick.models == ("logreg", "mlp")
+    config = parse("--models", "cnn", "--tangents", "1,16", "--skip", "memory", "--threads", "1")
+    assert config.models == ("cnn",) and config.tangents == (1, 16)
+    assert config.skip == ("memory",) and config.threads == 1
+    with pytest.raises(ValueError, match="unknown models resnet"):
+        parse("--models", "resnet")
+    with pytest.raises(ValueError, match="unknown skip"):
+        parse("--skip", "everything")
+
+
+def test_cli_bench(tmp_path, capsys):
+    argv = ["bench", "--quick", "--models", "logreg", "--rounds", "1", "--tangents", "1"]
+    argv += ["--skip", "memory", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| logreg | 64 |" in out and "Tangent sampling" in out
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
+    assert cli.main(["bench", "--models", "resnet", "--out", str(tmp_path)]) == 2
