@@ -11,6 +11,12 @@ parameters θ_s after ``s`` updates: its train loss is the loss of mini-batch ``
 loss the estimator computes for update ``s + 1``), ``time_s`` the wall-clock time of those
 ``s`` updates alone. Evaluation, logging and checkpointing are not timed.
 
+With ``optimizer="frank-wolfe"`` (``forwardgrad.FrankWolfe``, every parameter kept in
+``constraint``) the step size is Frank-Wolfe's own γ_t = 2/(t+2) (or a constant ``lr``), the ``lr``
+column logs γ_t, and ``metrics.csv`` adds ``fw_gap`` (each update's gap, with the direction it used)
+and ``fw_gap_exact`` (the gap with the exact gradient on a fixed training sample, at evaluation
+rows), the measure of how far the iterate is from the constrained optimum.
+
 ``train(config, run_dir, resume=True)`` continues from the newest intact checkpoint, which holds
 the model, the optimizer, the estimator's generator, the data order and every global RNG, so a
 resumed run ends with exactly the parameters of an uninterrupted one.
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forwardgrad import checkpoint as ckpt
+from forwardgrad.constraints import Constraint, L2Ball, NuclearBall, parse_constraint
 from forwardgrad.data import (
     DATASETS,
     ShuffledBatches,
@@ -55,6 +62,7 @@ from forwardgrad.data import (
 )
 from forwardgrad.distributed import DEFAULT_CHECK_EVERY, DataParallel, World, weighted
 from forwardgrad.estimators import ESTIMATORS, Estimator, EstimatorError, make_estimator
+from forwardgrad.frank_wolfe import OPEN_LOOP, FrankWolfe, open_loop_step_size
 from forwardgrad.problems import (
     MODELS,
     TEST_FUNCTIONS,
@@ -67,6 +75,11 @@ from forwardgrad.problems import (
 PROBLEMS = (*TEST_FUNCTIONS, *MODELS)
 METRIC_COLUMNS = ("step", "time_s", "train_loss", "lr", "test_loss", "test_accuracy")
 TEST_FUNCTION_COLUMNS = ("distance_to_optimum", "x0", "x1")
+# fw_gap: the gap of each update, with the direction it used (noisy, and not comparable between
+# averaged and raw runs); fw_gap_exact: the gap with the exact gradient at evaluation rows.
+FRANK_WOLFE_COLUMNS = ("fw_gap", "fw_gap_exact")
+GAP_EXAMPLES = 2000
+FRANK_WOLFE = "frank-wolfe"
 EVAL_BATCH_SIZE = 1000
 
 
@@ -118,8 +131,18 @@ class TrainConfig:
         data_dir: where the IDX files are; None: ``FORWARDGRAD_DATA_DIR``, else the user cache.
         estimator: ``forward``, ``zeroth-order`` or ``backprop``.
         tangents, distribution, combine, eps: the estimator's settings (see ``make_estimator``).
-        optimizer: a key of ``OPTIMIZERS``: ``sgd``, ``momentum`` (0.9) or ``adam``.
-        lr: η₀. lr_decay: k in η_i = η₀ exp(−i k); 0 keeps η constant.
+        optimizer: a key of ``OPTIMIZERS``: ``sgd``, ``momentum`` (0.9), ``adam`` or
+            ``frank-wolfe`` (``forwardgrad.FrankWolfe``, which needs ``constraint``).
+        lr: η₀. lr_decay: k in η_i = η₀ exp(−i k); 0 keeps η constant. For ``frank-wolfe``, lr
+            is the step size γ_t of x ← x + γ_t (s_t − x): ``"2/(t+2)"`` (the classic schedule)
+            or a constant in (0, 1], and lr_decay must be 0 (the schedule is Frank-Wolfe's own).
+        constraint: ``frank-wolfe`` only: the set every parameter stays in, as a string such as
+            ``"l1:10"`` (see ``forwardgrad.constraints``); each parameter gets its own copy of
+            the set. Under ``"nuclear:R"`` a 1-D parameter (a bias) gets the L2 ball of radius
+            R, which is the nuclear ball of that vector seen as a 1×n matrix; parameters with
+            more than two dimensions (conv kernels) are refused.
+        fw_averaging: ``frank-wolfe`` only: feed the oracle a running average of the estimates
+            (Rostami & Kia 2024; True) or the latest estimate alone (False).
         batch_size: examples per step (unused by test functions).
         steps: number of updates; or ``epochs`` passes over the training set (set one of them).
         seed: seeds the model's initialisation, the data order and the estimator's tangents, so
@@ -145,8 +168,10 @@ class TrainConfig:
     combine: str = "mean"
     eps: float = 1e-3
     optimizer: str = "sgd"
-    lr: float = 2e-4
+    lr: float | str = 2e-4
     lr_decay: float = 1e-4
+    constraint: str | None = None
+    fw_averaging: bool = True
     batch_size: int = 64
     steps: int | None = 1000
     epochs: float | None = None
@@ -178,7 +203,16 @@ class TrainConfig:
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("optimizer", self.optimizer, tuple(OPTIMIZERS))
         _check_choice("lr_selected_by", self.lr_selected_by, ("fixed", "sweep"))
-        _check_number("lr", self.lr, low=0, strict=True)
+        if self.optimizer == FRANK_WOLFE:
+            self._check_frank_wolfe()
+        else:
+            _check_number("lr", self.lr, low=0, strict=True)
+            if self.constraint is not None or self.fw_averaging is not True:
+                which = "constraint" if self.constraint is not None else "fw_averaging=False"
+                raise ValueError(
+                    f"{which} only applies to optimizer 'frank-wolfe', not {self.optimizer!r}; "
+                    "set optimizer='frank-wolfe' (--optimizer frank-wolfe) or drop it."
+                )
         _check_number("lr_decay", self.lr_decay, low=0)
         _check_number("eps", self.eps, low=0, strict=True)
         for name in ("dim", "tangents", "batch_size", "world_size"):
@@ -212,7 +246,44 @@ class TrainConfig:
         )
         if self.is_test_function:
             make_test_function(self.problem, self.dim)
+        if self.constraint is not None:
+            # Parameter shapes alone decide whether the set fits: build the model on the meta
+            # device (no memory, no RNG), so a comparison fails before its first run, not later.
+            with torch.device("meta"):
+                if self.is_test_function:
+                    model = TestFunctionModel(make_test_function(self.problem, self.dim))
+                else:
+                    model = make_model(self.problem, DATASETS[self.dataset].num_classes)
+            check_constraint_fits(self.constraint, model)
         return self
+
+    def _check_frank_wolfe(self) -> None:
+        if self.constraint is None:
+            raise ValueError(
+                "optimizer 'frank-wolfe' needs a constraint set: pass constraint='l1:10' "
+                "(--constraint l1:10), or l2, linf, simplex, nuclear, k-sparse:K:R."
+            )
+        if not isinstance(self.constraint, str):
+            raise TypeError(
+                f"constraint must be a string such as 'l1:10', got "
+                f"{type(self.constraint).__name__} (it is written to config.json)."
+            )
+        self.constraint = str(parse_constraint(self.constraint))  # one spelling per set
+        if not isinstance(self.fw_averaging, bool):
+            raise TypeError(f"fw_averaging must be True or False, got {self.fw_averaging!r}.")
+        if self.lr_decay != 0:
+            raise ValueError(
+                f"frank-wolfe has its own step size, so lr_decay must be 0, got {self.lr_decay}; "
+                f"pass lr_decay=0 with lr={OPEN_LOOP!r} or a constant lr in (0, 1]."
+            )
+        lr = self.lr
+        if lr != OPEN_LOOP:
+            number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+            if not number or not math.isfinite(lr) or not 0 < lr <= 1:
+                raise ValueError(
+                    f"frank-wolfe's step size (lr) must be {OPEN_LOOP!r} or a constant in (0, 1], "
+                    f"got {lr!r}; a step outside (0, 1] would leave the constraint set."
+                )
 
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
@@ -263,6 +334,28 @@ def lr_at(step: int, lr: float, decay: float) -> float:
     return lr * math.exp(-step * decay)
 
 
+def step_size_at(config: TrainConfig, step: int) -> float:
+    """The lr of update ``step + 1``: η₀ exp(−step k), or Frank-Wolfe's γ_step.
+
+    Frank-Wolfe's γ_t = 2/(t+2) counts each parameter's own updates, which is ``step`` because
+    every parameter is updated at every step (and the count is checkpointed with the optimizer).
+    """
+    if config.optimizer != FRANK_WOLFE:
+        return lr_at(step, config.lr, config.lr_decay)
+    return open_loop_step_size(step) if config.lr == OPEN_LOOP else float(config.lr)
+
+
+def run_label(config: TrainConfig) -> str:
+    """What a run is called in reports, e.g. "forward (K=1, normal, mean)"; Frank-Wolfe runs add
+    ", Frank-Wolfe averaged" or ", Frank-Wolfe raw" (the estimate fed to the oracle)."""
+    label = make_estimator(
+        config.estimator, config.tangents, config.distribution, config.combine, config.eps, seed=0
+    ).describe()
+    if config.optimizer == FRANK_WOLFE:
+        label += ", Frank-Wolfe " + ("averaged" if config.fw_averaging else "raw")
+    return label
+
+
 def derive_seed(seed: int, purpose: str) -> int:
     """An independent seed for one purpose (tangents, ...) from the run's seed."""
     digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
@@ -271,7 +364,7 @@ def derive_seed(seed: int, purpose: str) -> int:
 
 # --------------------------------------------------------------------------- optimizers
 
-OptimizerFactory = Callable[[list[nn.Parameter], float, TrainConfig], torch.optim.Optimizer]
+OptimizerFactory = Callable[[list[nn.Parameter], float | str, TrainConfig], torch.optim.Optimizer]
 
 
 def _sgd(params: list[nn.Parameter], lr: float, config: TrainConfig) -> torch.optim.Optimizer:
@@ -286,13 +379,61 @@ def _adam(params: list[nn.Parameter], lr: float, config: TrainConfig) -> torch.o
     return torch.optim.Adam(params, lr=lr)
 
 
-# One line per optimizer: a new one (e.g. Frank-Wolfe) is one more entry.
-OPTIMIZERS: dict[str, OptimizerFactory] = {"sgd": _sgd, "momentum": _momentum, "adam": _adam}
+def constraint_for(param: torch.Tensor, spec: str | Constraint) -> Constraint:
+    """The set one parameter is kept in: ``spec``, except that under a nuclear-norm ball a 1-D
+    parameter (a bias) gets the L2 ball of the same radius, the nuclear ball of that vector seen
+    as a 1×n matrix (its only singular value is its L2 norm)."""
+    constraint = parse_constraint(spec)
+    if isinstance(constraint, NuclearBall) and param.dim() == 1:
+        return L2Ball(constraint.radius)
+    return constraint
+
+
+def check_constraint_fits(spec: str | Constraint, model: nn.Module) -> None:
+    """Raise ValueError naming the first trainable parameter that the set cannot hold."""
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if isinstance(parse_constraint(spec), NuclearBall) and param.dim() > 2:
+            raise ValueError(
+                f"constraint {str(spec)!r} needs matrix (2-D) parameters, but {name!r} has shape "
+                f"{tuple(param.shape)}; choose l1, l2, linf, simplex or k-sparse for this model."
+            )
+        try:
+            constraint_for(param, spec).check_param(param)
+        except ValueError as error:
+            raise ValueError(f"constraint {str(spec)!r} does not fit {name!r}: {error}") from None
+
+
+def _frank_wolfe(params: list[nn.Parameter], lr: float | str, config: TrainConfig):
+    # One group per set, so biases under "nuclear:R" get their L2 ball.
+    groups: dict[str, list[nn.Parameter]] = {}
+    for param in params:
+        groups.setdefault(str(constraint_for(param, config.constraint)), []).append(param)
+    return FrankWolfe(
+        [{"params": ps, "constraint": c} for c, ps in groups.items()],
+        lr=lr,
+        averaging=config.fw_averaging,
+    )
+
+
+# One line per optimizer: a new one is one more entry.
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "adam": _adam,
+    FRANK_WOLFE: _frank_wolfe,
+}
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer ``config.optimizer`` over the model's trainable parameters at ``config.lr``."""
+    """The optimizer ``config.optimizer`` over the model's trainable parameters at ``config.lr``.
+
+    Frank-Wolfe moves any parameter that starts outside its set onto the set, in place.
+    """
     _check_choice("optimizer", config.optimizer, tuple(OPTIMIZERS))
+    if config.constraint is not None:
+        check_constraint_fits(config.constraint, model)
     params = [p for p in model.parameters() if p.requires_grad]
     return OPTIMIZERS[config.optimizer](params, config.lr, config)
 
@@ -342,6 +483,12 @@ class ImageClassification:
             self._epoch = iter(self.batches)
             index = next(self._epoch)
         return self.images[index], self.labels[index]
+
+    def gap_closure(self, model: nn.Module) -> Callable[[], torch.Tensor]:
+        """The training loss on the first ``GAP_EXAMPLES`` training examples, a fixed sample of
+        the objective on which Frank-Wolfe gaps are compared between runs."""
+        images, labels = self.images[:GAP_EXAMPLES], self.labels[:GAP_EXAMPLES]
+        return lambda: F.cross_entropy(model(images), labels)
 
     @staticmethod
     def closure(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
@@ -395,6 +542,10 @@ class TestFunctionTask:
 
     @staticmethod
     def closure(model: nn.Module, batch: None):
+        return model
+
+    @staticmethod
+    def gap_closure(model: nn.Module) -> Callable[[], torch.Tensor]:
         return model
 
     def evaluate(self, model: nn.Module) -> None:
@@ -459,6 +610,34 @@ def train_step(
         raise FloatingPointError(loss)
     optimizer.step()
     return loss
+
+
+def exact_frank_wolfe_gap(optimizer: FrankWolfe, closure: Callable[[], torch.Tensor]) -> float:
+    """The Frank-Wolfe gap with the exact gradient, summed over the optimizer's parameters:
+
+        gap(x) = Σ_params <∇f(x), x − lmo(∇f(x))> = max_{s in C} <∇f(x), x − s>  ≥ 0,
+
+    which is 0 exactly at a constrained minimum of a convex f (and bounds f(x) − min f there).
+    ∇f comes from backprop on ``closure()``; neither ``.grad`` nor the optimizer's state change.
+
+    Args:
+        optimizer: a FrankWolfe optimizer; each group's constraint gives the LMO.
+        closure: returns the loss f(x) of the optimizer's parameters.
+
+    Returns:
+        The gap, a float.
+    """
+    groups = [(group["constraint"], group["params"]) for group in optimizer.param_groups]
+    params = [param for _, group_params in groups for param in group_params]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(closure(), params, allow_unused=True))
+    gap = 0.0
+    with torch.no_grad():
+        for constraint, group_params in groups:
+            for param, grad in zip(group_params, grads):
+                if grad is not None:
+                    gap += float(torch.sum(grad * (param - constraint.lmo(grad))))
+    return gap
 
 
 # --------------------------------------------------------------------------- bookkeeping
@@ -772,7 +951,7 @@ def train(
             seed=derive_seed(config.seed, "tangents"),
         )
         optimizer = make_optimizer(config, model)
-        label = estimator.describe()
+        label = run_label(config)
 
         start, elapsed, step_times, peak_before = 0, 0.0, [], 0
         if loaded is not None:
@@ -810,6 +989,9 @@ def train(
         if is_main:
             _write_json(run_dir / "config.json", config_values)
         columns = METRIC_COLUMNS + (TEST_FUNCTION_COLUMNS if config.is_test_function else ())
+        frank_wolfe = config.optimizer == FRANK_WOLFE
+        if frank_wolfe:
+            columns += FRANK_WOLFE_COLUMNS
         log = (
             MetricsLog(run_dir / "metrics.csv", columns, keep_before=start)
             if is_main
@@ -847,6 +1029,14 @@ def train(
             memory.resume()
             return result
 
+        def exact_gap() -> float | None:
+            if not is_main:  # only rank 0 logs it
+                return None
+            memory.pause()
+            gap = exact_frank_wolfe_gap(optimizer, task.gap_closure(model))
+            memory.resume()
+            return gap
+
         def report(step: int, lr: float) -> None:
             if progress is None:
                 return
@@ -862,18 +1052,23 @@ def train(
             return TrainingInterrupted(step, signal_number, save(step), run_dir)
 
         try:
-            report(start, lr_at(start, config.lr, config.lr_decay))
+            report(start, step_size_at(config, start))
             memory.resume()
             for step in range(start, steps):
-                lr = lr_at(step, config.lr, config.lr_decay)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = step_size_at(config, step)
+                if not frank_wolfe:  # Frank-Wolfe keeps its own schedule (set in its groups)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
                 evaluated = _due(step, config.eval_every) and not config.is_test_function
                 if evaluated:
                     last_eval = evaluate()
                 row = {"step": step, "time_s": elapsed, "lr": lr, **task.position(model)}
                 if evaluated:
                     row["test_loss"], row["test_accuracy"] = last_eval
+                if frank_wolfe and (
+                    evaluated or (config.is_test_function and _due(step, config.log_every))
+                ):
+                    row["fw_gap_exact"] = exact_gap()
 
                 started = time.perf_counter()
                 batch = task.next_batch()
@@ -890,6 +1085,9 @@ def train(
                     kept = _last_good_checkpoint(checkpoint_dir, step) if is_main else None
                     raise _diverged(config, run_dir, step, loss, lr, kept) from None
                 step_time = time.perf_counter() - started
+                if frank_wolfe:  # the γ_t and the gap of the step just taken
+                    lr = next((g for g in optimizer.last_group_step_sizes if g is not None), lr)
+                    row["lr"], row["fw_gap"] = lr, optimizer.last_gap
 
                 if evaluated or _due(step, config.log_every):
                     log.write({**row, "train_loss": last_loss})
@@ -916,7 +1114,7 @@ def train(
                 world.check_parameters(model, steps)
             save(steps)
             # The final row describes θ_steps: a fresh mini-batch's loss and a last evaluation.
-            row = {"step": steps, "time_s": elapsed, "lr": lr_at(steps, config.lr, config.lr_decay)}
+            row = {"step": steps, "time_s": elapsed, "lr": step_size_at(config, steps)}
             row.update(task.position(model))
             with torch.no_grad():
                 final_loss = float(task.closure(model, task.next_batch())())
@@ -924,6 +1122,8 @@ def train(
             if not config.is_test_function:
                 last_eval = task.evaluate(model)
                 row["test_loss"], row["test_accuracy"] = last_eval
+            if frank_wolfe and is_main:
+                row["fw_gap_exact"] = exact_frank_wolfe_gap(optimizer, task.gap_closure(model))
             log.write(row)
         except TrainingDiverged as error:
             memory.pause()
@@ -951,6 +1151,9 @@ def train(
     )
     # Measured in the last step (config.json holds the count expected from the model).
     summary["bytes_communicated_per_step"] = estimator.bytes_last_step if world is not None else 0
+    if frank_wolfe:  # as in metrics.csv: the last update's gap, and the exact one at the end
+        summary["final_fw_gap"] = _finite_or_none(optimizer.last_gap)
+        summary["final_fw_gap_exact"] = _finite_or_none(row.get("fw_gap_exact"))
     if is_main:
         _write_json(run_dir / "summary.json", summary)
     return TrainResult(run_dir=run_dir, summary=summary, resumed_from=loaded)
