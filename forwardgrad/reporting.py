@@ -5,6 +5,11 @@ logged step: ``step,time_s,train_loss,lr,test_loss,test_accuracy`` and, for test
 ``distance_to_optimum,x0,x1``) and ``summary.json``. This module only reads those files, so
 ``forwardgrad plot RUN_DIR...`` can redraw everything at any time.
 
+Frank-Wolfe runs (``optimizer`` ``frank-wolfe`` in config.json) add ``fw_gap`` (each update's gap
+with the direction it used) and ``fw_gap_exact`` (the gap with the exact gradient, at evaluation
+rows); they are compared within their own experiment ("logreg, Frank-Wolfe in l1:10"), with plots
+of the gap against iterations.
+
 As in Baydin et al. (2022), the plots show the loss against iterations and against wall-clock
 time (log scale), one curve per estimator, and for 2-D test functions the optimisation
 trajectories over a contour plot. The report tabulates, per estimator, the median time per
@@ -55,8 +60,11 @@ METRIC_COLUMNS = (
     "distance_to_optimum",
     "x0",
     "x1",
+    "fw_gap",
+    "fw_gap_exact",
 )
 TEST_FUNCTIONS = ("beale", "rosenbrock")
+FRANK_WOLFE = "frank-wolfe"
 
 # Mini-batch losses are noisy: the threshold rule compares a trailing mean over this many logged
 # rows, so that one lucky batch does not count as "reached". Test functions are deterministic.
@@ -108,16 +116,37 @@ class Run:
         """E.g. "forward (K=1, normal, mean)": the summary's label, else built from the config."""
         if self.summary.get("label"):
             return str(self.summary["label"])
-        name = self.config.get("estimator") or self.path.name
+        name = label = self.config.get("estimator") or self.path.name
         if name == "forward":
             parts = [f"K={self.config.get('tangents', 1)}"]
             parts += [str(self.config[k]) for k in ("distribution", "combine") if k in self.config]
-            return f"forward ({', '.join(parts)})"
+            label = f"forward ({', '.join(parts)})"
         if name == "zeroth-order":
-            return (
-                f"zeroth-order (K={self.config.get('tangents', 1)}, eps={self.config.get('eps')})"
-            )
-        return str(name)
+            tangents, eps = self.config.get("tangents", 1), self.config.get("eps")
+            label = f"zeroth-order (K={tangents}, eps={eps})"
+        if self.is_frank_wolfe:
+            averaged = self.config.get("fw_averaging", True)
+            label = f"{label}, Frank-Wolfe {'averaged' if averaged else 'raw'}"
+        return str(label)
+
+    @property
+    def is_frank_wolfe(self) -> bool:
+        return self.config.get("optimizer") == FRANK_WOLFE
+
+    @property
+    def experiment(self) -> str:
+        """What runs are compared within: the problem, or e.g. "logreg, Frank-Wolfe in l1:10"."""
+        if self.is_frank_wolfe:
+            return f"{self.problem}, Frank-Wolfe in {self.config.get('constraint')}"
+        return self.problem
+
+    @property
+    def lr_text(self) -> str:
+        """The lr as reports show it: a number, or a schedule such as "2/(t+2)" (Frank-Wolfe)."""
+        value = self._get("lr")
+        if isinstance(value, str) and math.isnan(_number(value)):
+            return value
+        return _fmt(self.lr, ".3g")
 
     @property
     def lr(self) -> float:
@@ -392,7 +421,7 @@ def _colors(labels: Iterable[str]) -> dict[str, tuple]:
 
 
 def _curve_label(run: Run, show_lr: bool) -> str:
-    label = f"{run.label}, lr {run.lr:.3g}" if show_lr else run.label
+    label = f"{run.label}, lr {run.lr_text}" if show_lr else run.label
     return label + " (diverged)" if run.diverged else label
 
 
@@ -553,7 +582,7 @@ def _plot_problem(sections: list[_Section], out_dir: Path, prefix: str) -> list[
     """All plots for one problem: one panel per section (same lr / own lr), one file per kind."""
     runs = [run for section in sections for run in section.runs]
     colors = _colors(run.label for run in runs)
-    problem = runs[0].problem
+    problem = runs[0].experiment
     written = []
 
     def draw(kind: str, xlabel: str, ylabel: str, plot_panel) -> None:
@@ -591,7 +620,46 @@ def _plot_problem(sections: list[_Section], out_dir: Path, prefix: str) -> list[
             "x1",
             lambda ax, s: _plot_trajectories(ax, s, colors, test_function),
         )
+    if any(_any_finite(run.metrics["fw_gap_exact"]) for run in runs):
+        draw(
+            "fw_gap",
+            "iteration",
+            "Frank-Wolfe gap with the exact gradient (log scale)",
+            lambda ax, s: _plot_gap(ax, s, "fw_gap_exact", colors),
+        )
+    if any(_any_finite(run.metrics["fw_gap"]) for run in runs):
+        draw(
+            "fw_gap_steps",
+            "iteration",
+            "Frank-Wolfe gap with each step's direction (log scale)",
+            lambda ax, s: _plot_gap(ax, s, "fw_gap", colors),
+        )
     return written
+
+
+def _trailing_mean(values: np.ndarray, window: int = SMOOTHING_ROWS) -> np.ndarray:
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    end = np.arange(1, len(values) + 1)
+    start = np.maximum(end - window, 0)
+    return (sums[end] - sums[start]) / (end - start)
+
+
+def _plot_gap(ax, section: _Section, column: str, colors: dict) -> None:
+    """A Frank-Wolfe gap per run: evaluation-row gaps as points joined by lines; the noisy
+    per-step gaps faint, with their trailing mean over SMOOTHING_ROWS logged rows."""
+    for run in section.runs:
+        steps, gap, color = run.metrics["step"], run.metrics[column], colors[run.label]
+        ok = np.isfinite(steps) & np.isfinite(gap)
+        label = _curve_label(run, section.show_lr)
+        if column == "fw_gap_exact":
+            ax.plot(steps[ok], gap[ok], "o-", color=color, markersize=3, label=label)
+            continue
+        ax.plot(steps[ok], gap[ok], color=color, linewidth=0.7, alpha=0.25)
+        ax.plot(steps[ok], _trailing_mean(gap[ok]), color=color, linewidth=1.3, label=label)
+    if column == "fw_gap":
+        label = f"faint: logged gap; solid: mean of last {SMOOTHING_ROWS}"
+        ax.plot([], [], color="gray", alpha=0.4, label=label)
+    _log_scale_if_positive(ax, [run.metrics[column] for run in section.runs])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,9 +683,12 @@ def _sections(runs: list[Run]) -> list[_Section]:
     swept = [run for run in runs if run.lr_selected_by == "sweep"]
     sections = []
     if fixed:
-        lrs = {run.lr for run in fixed}
-        if len(lrs) == 1:
-            title = f"same lr {next(iter(lrs)):.3g}"
+        lrs = {run.lr_text for run in fixed}
+        if len(lrs) == 1 and all(run.is_frank_wolfe for run in fixed):
+            title = f"step size {next(iter(lrs))}"
+            heading = f"Frank-Wolfe with step size {next(iter(lrs))} for every run"
+        elif len(lrs) == 1:
+            title = f"same lr {next(iter(lrs))}"
             heading = "Paper setting: the same learning rate for every estimator"
         else:
             title, heading = "fixed lr", "Learning rates fixed by the user"
@@ -708,7 +779,7 @@ def _table(section: _Section, backprop: Run | None, comparison: bool = True) -> 
             last = _fmt(run.final_test_accuracy, ".3f")
         cells = [
             run.label + (" ⚠ diverged" if run.diverged else ""),
-            _fmt(run.lr, ".3g"),
+            run.lr_text,
             run.lr_selected_by,
             str(run.steps),
             _fmt_time(run.median_step_time_s),
@@ -733,6 +804,8 @@ def _table(section: _Section, backprop: Run | None, comparison: bool = True) -> 
 
 
 def _claims(problem: str, section: _Section, backprop: Run | None) -> list[str]:
+    if any(run.is_frank_wolfe for run in section.runs):  # the SGD claims do not apply
+        return _frank_wolfe_claims(section)
     forward = _reference_run(section.runs, "forward")
     rows = []
 
@@ -824,6 +897,89 @@ def _claims(problem: str, section: _Section, backprop: Run | None) -> list[str]:
     return lines
 
 
+def _final_exact_gap(run: Run) -> float:
+    return _last_finite(run.metrics["fw_gap_exact"])
+
+
+def _frank_wolfe_lines(section: _Section) -> list[str]:
+    """What the Frank-Wolfe gaps measure, and each run's gaps, under the section's table."""
+    runs = [run for run in section.runs if run.is_frank_wolfe]
+    if not runs:
+        return []
+    lines = [
+        "Frank-Wolfe gap: gap(x) = max over s in the set of <∇f(x), x − s>, summed over the "
+        "parameters; it is ≥ 0 and 0 exactly at the constrained optimum. *Exact*: with the exact "
+        "gradient (backprop) of the training loss on a fixed sample (the first 2000 training "
+        "examples; test functions: the function), at evaluation rows. *Per step*: with the "
+        "direction each update fed to the oracle (the running average, or the raw estimate) on "
+        "its mini-batch; noisy, and not comparable between averaged and raw runs.",
+        "",
+        "| run | exact gap: first | exact gap: smallest | exact gap: last "
+        f"| per-step gap: mean of last {SMOOTHING_ROWS} logged |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        exact = run.metrics["fw_gap_exact"]
+        exact = exact[np.isfinite(exact)]
+        per_step = run.metrics["fw_gap"]
+        per_step = per_step[np.isfinite(per_step)][-SMOOTHING_ROWS:]
+        cells = [
+            run.label,
+            _fmt(exact[0] if len(exact) else math.nan),
+            _fmt(exact.min() if len(exact) else math.nan),
+            _fmt(_final_exact_gap(run)),
+            _fmt(float(per_step.mean()) if len(per_step) else math.nan),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _frank_wolfe_claims(section: _Section) -> list[str]:
+    """Rostami & Kia (2024) beside our averaged and raw forward-gradient and backprop runs."""
+
+    def ours(run: Run | None) -> str:
+        if run is None:
+            return "no run"
+        return (
+            f"exact gap {_fmt(_final_exact_gap(run))}, train loss {_fmt(run.final_train_loss)}"
+            + (
+                f", test accuracy {_fmt(run.final_test_accuracy, '.3f')}"
+                if not run.is_test_function
+                else ""
+            )
+        )
+
+    def first(estimator: str, averaged: bool) -> Run | None:
+        return next(
+            (
+                run
+                for run in section.runs
+                if run.estimator == estimator and run.config.get("fw_averaging", True) == averaged
+            ),
+            None,
+        )
+
+    averaged, raw = first("forward", True), first("forward", False)
+    backprop = first("backprop", True) or first("backprop", False)
+    if averaged is None and raw is None:
+        return []
+    at_end = (
+        f"averaged: {ours(averaged)}; raw: {ours(raw)}; backprop ({backprop.label}): "
+        f"{ours(backprop)}"
+        if backprop
+        else f"averaged: {ours(averaged)}; raw: {ours(raw)}"
+    )
+    return [
+        "Paper's claim beside ours (at the end of each run):",
+        "",
+        "| quantity | paper | this comparison |",
+        "|---|---|---|",
+        "| Frank-Wolfe fed forward gradients | converges with the running average of forward "
+        "gradients, does not converge with the raw forward gradient (Rostami & Kia 2024) | "
+        f"{at_end} |",
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # Reports
 
@@ -845,7 +1001,18 @@ def _machine_line(runs: Sequence[Run]) -> str:
 
 def _settings_line(runs: Sequence[Run]) -> str:
     """The settings the runs share (those that differ, like lr and steps, are in the table)."""
-    keys = ("dataset", "dim", "optimizer", "lr_decay", "batch_size", "epochs", "seed", "world_size")
+    keys = (
+        "dataset",
+        "dim",
+        "optimizer",
+        "constraint",
+        "lr_decay",
+        "batch_size",
+        "epochs",
+        "test_examples",
+        "seed",
+        "world_size",
+    )
     parts = []
     for key in keys:
         values = {json.dumps(run.config.get(key)) for run in runs}
@@ -868,6 +1035,8 @@ def _image_lines(paths: Sequence[Path], base: Path) -> list[str]:
         "loss_vs_time": "Train loss against wall-clock training time (log scale)",
         "test_accuracy": "Test accuracy against iterations",
         "trajectories": "Trajectories over the contour plot (circle: start, square: end)",
+        "fw_gap": "Frank-Wolfe gap with the exact gradient against iterations (log scale)",
+        "fw_gap_steps": "Frank-Wolfe gap with the direction each step used (log scale)",
     }
     lines = []
     for path in paths:
@@ -887,11 +1056,11 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
     """
     run = read_run(run_dir)
     section = _Section(
-        title=f"lr {run.lr:.3g}", heading="", runs=[run], show_lr=False, threshold=None
+        title=f"lr {run.lr_text}", heading="", runs=[run], show_lr=False, threshold=None
     )
     images = _plot_problem([section], run.path, prefix="")
     lines = [
-        f"# {run.label} on {run.problem}",
+        f"# {run.label} on {run.experiment}",
         "",
         _settings_line([run]),
         "",
@@ -899,6 +1068,7 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
         "",
     ]
     lines += _table(section, backprop=None, comparison=False)
+    lines += _frank_wolfe_lines(section)
     if run.diverged:
         lines += ["The loss became NaN or infinite: the run diverged; the curves stop there.", ""]
     lines += _image_lines(images, run.path)
@@ -913,7 +1083,8 @@ def write_comparison_report(
     run_dirs: Sequence[str | os.PathLike],
     title: str | None = None,
 ) -> Path:
-    """Combined plots and report.md for several runs, one section and one set of plots per problem.
+    """Combined plots and report.md for several runs, one section and one set of plots per problem
+    (Frank-Wolfe runs of a problem form their own section, e.g. "logreg, Frank-Wolfe in l1:10").
 
     Within a problem, runs whose lr was fixed ("paper setting: same lr") and runs whose lr was
     chosen by a sweep ("each estimator at its own lr") are compared separately, each with its own
@@ -933,7 +1104,7 @@ def write_comparison_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs = [read_run(path) for path in run_dirs]
-    problems = list(dict.fromkeys(run.problem for run in runs))
+    problems = list(dict.fromkeys(run.experiment for run in runs))
     lines = [
         f"# {title or 'forwardgrad comparison: ' + ', '.join(problems)}",
         "",
@@ -943,7 +1114,7 @@ def write_comparison_report(
         "",
     ]
     for problem in problems:
-        problem_runs = [run for run in runs if run.problem == problem]
+        problem_runs = [run for run in runs if run.experiment == problem]
         sections = _sections(problem_runs)
         images = _plot_problem(sections, out, prefix=f"{_slug(problem)}_")
         lines += [f"## {problem}", "", _settings_line(problem_runs), ""]
@@ -962,7 +1133,8 @@ def write_comparison_report(
             lines += _table(section, backprop)
             if backprop is None:
                 lines += ["No backprop run in this comparison, so no ratio to backprop.", ""]
-            claims = _claims(problem, section, backprop)
+            lines += _frank_wolfe_lines(section)
+            claims = _claims(problem_runs[0].problem, section, backprop)
             lines += claims + ([""] if claims else [])
         lines += _image_lines(images, out)
     return _write_text(out / "report.md", "\n".join(lines))
