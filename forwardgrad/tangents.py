@@ -220,11 +220,16 @@ def _fill_rademacher(out: torch.Tensor, seed: int) -> None:
         out[whole * lanes :].view(integer).copy_(tail.view(-1)[: size % lanes])
 
 
+_SHIFTS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
 def _signs_into(words: torch.Tensor, one: int, out: torch.Tensor) -> None:
     """out[w, j] = the bits of +1.0 with the sign bit set to bit j of ``words[w]``."""
-    lanes = out.shape[1]
-    shifts = torch.arange(lanes - 1, -1, -1, dtype=out.dtype, device=out.device)
-    torch.bitwise_left_shift(words.unsqueeze(1), shifts, out=out)  # bit j to the top
+    key = (out.dtype, out.device)
+    if key not in _SHIFTS:
+        lanes = out.shape[1]
+        _SHIFTS[key] = torch.arange(lanes - 1, -1, -1, dtype=out.dtype, device=out.device)
+    torch.bitwise_left_shift(words.unsqueeze(1), _SHIFTS[key], out=out)  # bit j to the top
     out.bitwise_and_(torch.iinfo(out.dtype).min).bitwise_or_(one)
 
 
