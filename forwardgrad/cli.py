@@ -27,12 +27,15 @@ from pathlib import Path
 
 from forwardgrad import reporting
 from forwardgrad.checkpoint import CheckpointError
+from forwardgrad.constraints import CONSTRAINT_SYNTAX
 from forwardgrad.data import DATASETS, DataError, load_dataset
 from forwardgrad.distributed import DistributedError, World, detect_launch, process_group
-from forwardgrad.estimators import ESTIMATORS, make_estimator
+from forwardgrad.estimators import ESTIMATORS
+from forwardgrad.frank_wolfe import OPEN_LOOP
 from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS
 from forwardgrad.training import (
     DEFAULT_LR_CANDIDATES,
+    FRANK_WOLFE,
     OPTIMIZERS,
     PROBLEMS,
     CheckpointWarning,
@@ -41,6 +44,7 @@ from forwardgrad.training import (
     TrainingDiverged,
     TrainingInterrupted,
     load_config,
+    run_label,
     sweep_learning_rate,
     train,
 )
@@ -56,6 +60,8 @@ TEST_FUNCTION_DEFAULTS = {
     "beale": {"lr": 0.01, "lr_decay": 0.0, "steps": 2000, "log_every": 5},
     "rosenbrock": {"lr": 1e-3, "lr_decay": 0.0, "steps": 5000, "log_every": 10},
 }
+# Frank-Wolfe's step size is its own 2/(t+2) unless --lr gives a constant in (0, 1].
+FRANK_WOLFE_DEFAULTS = {"lr": OPEN_LOOP, "lr_decay": 0.0}
 
 
 class UsageError(ValueError):
@@ -162,6 +168,7 @@ CONFIG_FLAGS = (
     "combine",
     "eps",
     "optimizer",
+    "constraint",
     "lr",
     "lr_decay",
     "batch_size",
@@ -256,14 +263,41 @@ def _add_run_flags(parser: argparse.ArgumentParser, single_estimator: bool) -> N
     )
     parser.add_argument("--eps", type=float, help=f"zeroth-order step ε (default {d.eps:g})")
     parser.add_argument(
-        "--optimizer", choices=list(OPTIMIZERS), help="momentum is SGD with 0.9 (default sgd)"
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        help="momentum is SGD with 0.9; frank-wolfe needs --constraint (default sgd)",
     )
+    parser.add_argument(
+        "--constraint",
+        metavar="SET",
+        help=f"frank-wolfe: the set each parameter stays in, {CONSTRAINT_SYNTAX}; under nuclear:R "
+        "biases get the L2 ball of radius R",
+    )
+    averaging_help = (
+        "frank-wolfe: feed the oracle the latest gradient estimate instead of the running average"
+    )
+    if single_estimator:
+        parser.add_argument("--no-averaging", action="store_true", help=averaging_help)
+    else:
+        averaging = parser.add_mutually_exclusive_group()
+        averaging.add_argument(
+            "--averaging",
+            choices=["on", "off", "both"],
+            help="frank-wolfe: the running average of the estimates (on), the latest estimate "
+            "(off), or each estimator both ways (both) (default on)",
+        )
+        averaging.add_argument("--no-averaging", action="store_true", help="--averaging off")
     own = "; ".join(f"{name} {v['lr']:g}" for name, v in TEST_FUNCTION_DEFAULTS.items())
-    parser.add_argument("--lr", type=float, help=f"η₀ (default {d.lr:g}; {own})")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        help=f"η₀ (default {d.lr:g}; {own}); frank-wolfe: a constant step in (0, 1] instead of "
+        f"{OPEN_LOOP}",
+    )
     parser.add_argument(
         "--lr-decay",
         type=float,
-        help=f"k in η₀·exp(−i·k) (default {d.lr_decay:g}; test functions 0)",
+        help=f"k in η₀·exp(−i·k) (default {d.lr_decay:g}; test functions and frank-wolfe 0)",
     )
     parser.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     steps = parser.add_mutually_exclusive_group()
@@ -295,11 +329,25 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the flags that were given; problem-specific defaults for the rest."""
     given = {name: getattr(args, name) for name in CONFIG_FLAGS if getattr(args, name) is not None}
     problem = given.get("problem", TrainConfig.problem)
-    values = {**TEST_FUNCTION_DEFAULTS.get(problem, {}), **given}
+    frank_wolfe = given.get("optimizer") == FRANK_WOLFE
+    values = {
+        **TEST_FUNCTION_DEFAULTS.get(problem, {}),
+        **(FRANK_WOLFE_DEFAULTS if frank_wolfe else {}),
+        **given,
+    }
     if "epochs" in given:
         values["steps"] = None
     if getattr(args, "estimator", None):
         values["estimator"] = args.estimator
+    if args.no_averaging or getattr(args, "averaging", None) == "off":
+        values["fw_averaging"] = False
+    if getattr(args, "averaging", None) == "both" and not frank_wolfe:
+        raise UsageError("--averaging both only applies to --optimizer frank-wolfe; drop it.")
+    if args.lr_sweep and frank_wolfe:
+        raise UsageError(
+            f"--lr-sweep does not apply to frank-wolfe, whose step size is {OPEN_LOOP}; drop it "
+            "(or give a constant step with --lr)."
+        )
     return TrainConfig(**values).validate()
 
 
@@ -308,9 +356,7 @@ def _slug(text: str) -> str:
 
 
 def _label(config: TrainConfig) -> str:
-    return make_estimator(
-        config.estimator, config.tangents, config.distribution, config.combine, config.eps, 0
-    ).describe()
+    return run_label(config)
 
 
 def _default_out(kind: str) -> Path:
@@ -376,7 +422,9 @@ def _same_settings(config: TrainConfig, run_dir: Path, tuned: bool) -> bool:
         skip |= {"lr", "lr_selected_by"}
     if config.epochs is not None:
         skip.add("steps")
-    return all(stored.get(k) == v for k, v in asdict(config).items() if k not in skip)
+    # A field newer than the stored run (e.g. constraint) counts as its default there.
+    defaults = asdict(TrainConfig())
+    return all(stored.get(k, defaults[k]) == v for k, v in asdict(config).items() if k not in skip)
 
 
 def _run_or_continue(planned: _Planned, context: _Context) -> Path:
@@ -540,14 +588,16 @@ def _run_compare(args, context: _Context) -> int:
     base = _config_from_args(args)
     out = args.out or _default_out(f"compare-{base.problem}")
     context.resume_hint = _continue_hint(context.argv, out)
+    averaging = (True, False) if args.averaging == "both" else (base.fw_averaging,)
     plan = []
     for name in dict.fromkeys(args.estimators):
-        config = replace(base, estimator=name)
-        if args.lr_sweep:
-            run_dir = out / (_slug(_label(config)) + "-own-lr")
-            plan.append(_Planned(config, run_dir, args.lr_sweep, args.sweep_steps))
-        else:
-            plan.append(_Planned(config, out / _slug(_label(config))))
+        for fw_averaging in averaging:
+            config = replace(base, estimator=name, fw_averaging=fw_averaging)
+            if args.lr_sweep:
+                run_dir = out / (_slug(_label(config)) + "-own-lr")
+                plan.append(_Planned(config, run_dir, args.lr_sweep, args.sweep_steps))
+            else:
+                plan.append(_Planned(config, out / _slug(_label(config))))
     run_dirs = _run_all(plan, context)
     report = _write_reports(out, run_dirs, f"forwardgrad compare: {base.problem}")
     print(f"report: {report}")
@@ -557,12 +607,23 @@ def _run_compare(args, context: _Context) -> int:
 @dataclass(frozen=True)
 class Experiment:
     """One problem of ``reproduce``: its budgets (quick default and ``--full``, each with the
-    steps per sweep candidate) and the learning rates its sweep tries."""
+    steps per sweep candidate) and the learning rates its sweep tries (none: no sweep).
+
+    ``name`` is its ``--problems`` name and output folder (default: the problem). ``runs``, if
+    given, lists the runs (each a dict of TrainConfig fields, with ``estimator``) instead of one
+    run per estimator of ``--estimators``; runs of estimators not in ``--estimators`` are skipped.
+    """
 
     problem: str
     quick: dict
     full: dict
     sweep_candidates: tuple[float, ...]
+    name: str = ""
+    runs: tuple[dict, ...] = ()
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", self.problem)
 
 
 # MNIST models use the paper's setting (batch 64, SGD, η₀ = 2e-4, k = 1e-4); PAPER.md gives no
@@ -606,11 +667,44 @@ EXPERIMENTS = (
         full={"epochs": 10, "eval_every": 2000, "sweep_steps": 1000},
         sweep_candidates=(2e-4, 2e-3, 2e-2, 2e-1),
     ),
+    # Rostami & Kia (2024): Frank-Wolfe fed averaged forward gradients converges, fed the raw
+    # forward gradient it stalls; backprop Frank-Wolfe is the reference. L1 ball of radius 10 for
+    # the weights and for the biases; step 2/(t+2). K = 16 tangents: a single tangent's noise in
+    # 7,850 dimensions outlasts this budget for averaged and raw alike (about a minute here).
+    Experiment(
+        "logreg",
+        name="logreg-frank-wolfe",
+        quick={
+            **FRANK_WOLFE_DEFAULTS,
+            "optimizer": FRANK_WOLFE,
+            "constraint": "l1:10",
+            "tangents": 16,
+            "steps": 5000,
+            "eval_every": 250,
+            "log_every": 25,
+            "test_examples": 2000,
+        },
+        full={
+            **FRANK_WOLFE_DEFAULTS,
+            "optimizer": FRANK_WOLFE,
+            "constraint": "l1:10",
+            "tangents": 16,
+            "epochs": 10,
+            "eval_every": 500,
+            "log_every": 25,
+        },
+        sweep_candidates=(),
+        runs=(
+            {"estimator": "forward"},
+            {"estimator": "forward", "fw_averaging": False},
+            {"estimator": "backprop"},
+        ),
+    ),
 )
 
 
 def _add_reproduce(parser: argparse.ArgumentParser) -> None:
-    problems = [e.problem for e in EXPERIMENTS]
+    problems = [e.name for e in EXPERIMENTS]
     parser.add_argument(
         "--out",
         type=Path,
@@ -644,24 +738,27 @@ def _run_reproduce(args, context: _Context) -> int:
     context.resume_hint = _continue_hint(context.argv, out)
     plan = []
     for experiment in EXPERIMENTS:
-        if experiment.problem not in args.problems:
+        if experiment.name not in args.problems:
             continue
         values = {
             "problem": experiment.problem,
             **(experiment.full if args.full else experiment.quick),
         }
-        sweep_steps = values.pop("sweep_steps")
+        sweep_steps = values.pop("sweep_steps", None)
         if "epochs" in values:
             values["steps"] = None
         for flag in ("dataset", "data_dir", "seed", "threads"):
             if getattr(args, flag) is not None:
                 values[flag] = getattr(args, flag)
         base = TrainConfig(**values).validate()
-        for name in dict.fromkeys(args.estimators):
-            config = replace(base, estimator=name)
-            run_dir = out / experiment.problem / _slug(_label(config))
+        runs = experiment.runs or [{"estimator": name} for name in dict.fromkeys(args.estimators)]
+        for overrides in runs:
+            if overrides["estimator"] not in args.estimators:
+                continue
+            config = replace(base, **overrides)
+            run_dir = out / experiment.name / _slug(_label(config))
             plan.append(_Planned(config, run_dir))
-            if not args.no_sweep:
+            if experiment.sweep_candidates and not args.no_sweep:
                 own = run_dir.with_name(run_dir.name + "-own-lr")
                 plan.append(_Planned(config, own, experiment.sweep_candidates, sweep_steps))
 
