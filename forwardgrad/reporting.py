@@ -1015,6 +1015,8 @@ def _settings_line(runs: Sequence[Run]) -> str:
     )
     parts = []
     for key in keys:
+        if key == "dim" and not all(run.is_test_function for run in runs):
+            continue  # a data set's model has no dim, whatever config.json says
         values = {json.dumps(run.config.get(key)) for run in runs}
         if len(values) == 1 and runs[0].config.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {runs[0].config[key]}")
