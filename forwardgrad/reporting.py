@@ -760,6 +760,10 @@ def _table(section: _Section, backprop: Run | None, comparison: bool = True) -> 
     if comparison:
         header += ["steps to threshold", "time to threshold"]
     header += ["peak memory"]
+    # Data-parallel runs: what crossed the wire per step is the point of the forward gradient.
+    distributed = any((run.config.get("world_size") or 1) > 1 for run in runs)
+    if distributed:
+        header += ["bytes all-reduced / step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         ratio = (
@@ -796,6 +800,11 @@ def _table(section: _Section, backprop: Run | None, comparison: bool = True) -> 
             else:
                 cells += [str(reached[0]), f"{reached[1]:.3g} s"]
         cells.append(_fmt_memory(run))
+        if distributed:
+            sent = run.summary.get("bytes_communicated_per_step")
+            if sent is None:
+                sent = run.config.get("bytes_communicated_per_step")
+            cells.append("n/a" if sent is None else f"{int(sent):,}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""] + _memory_note(runs)
 

@@ -405,3 +405,24 @@ def test_bad_run_directories_give_clear_errors(tmp_path):
         read_run(run_dir)
     with pytest.raises(ValueError, match="at least one run directory"):
         write_comparison_report(tmp_path / "out", [])
+
+
+def test_distributed_runs_show_bytes_all_reduced_per_step(tmp_path):
+    runs = []
+    for estimator, sent in (("forward", 16), ("backprop", 7_454_768)):
+        run_dir = make_run(tmp_path / estimator, estimator=estimator)
+        for name in ("config.json", "summary.json"):
+            data = json.loads((run_dir / name).read_text())
+            data["world_size"] = 2
+            data["bytes_communicated_per_step"] = sent
+            (run_dir / name).write_text(json.dumps(data))
+        runs.append(run_dir)
+    text = write_comparison_report(tmp_path, runs).read_text()
+    assert "bytes all-reduced / step" in text
+    assert "| 16 |" in text and "| 7,454,768 |" in text
+    assert "world size 2" in text
+
+
+def test_single_process_runs_have_no_bytes_column(tmp_path):
+    runs = [make_run(tmp_path / e, estimator=e) for e in ("forward", "backprop")]
+    assert "bytes all-reduced" not in write_comparison_report(tmp_path, runs).read_text()
