@@ -503,6 +503,12 @@ class ForwardGradient(_Seeded):
     ``.grad`` is overwritten, not accumulated. BatchNorm running statistics are updated once per
     estimate and Dropout draws one mask shared by the value and every tangent.
 
+    With normal or Rademacher tangents, a closure built from the operations that
+    ``forwardgrad.fast_paths`` covers runs once with the K tangents stacked as a batch
+    dimension, each parameter's tangent drawn as its layer runs (K = 1: into ``.grad``); any
+    other closure takes the general dual-tensor path, from then on for that model. Both give
+    the same estimate for the same seed, to float rounding.
+
     Args:
       tangents: K >= 1.
       distribution: ``"normal"``, ``"rademacher"`` or ``"orthogonal"`` (K <= n).
@@ -626,7 +632,7 @@ class ForwardGradient(_Seeded):
         had_grad = [p.grad is not None for p in params]
         replay = _Replay(model)
         try:
-            with _forward_mode_context():
+            with torch.no_grad():  # no graph; the dual-tensor settings are not needed here
                 loss, derivatives = fp.stacked_derivatives(
                     lambda: _call_closure(closure), params, source, self.tangents
                 )

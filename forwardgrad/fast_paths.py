@@ -247,10 +247,15 @@ class StackedTangents(TorchFunctionMode):
         if self._inside_custom_function():
             # Its derivative is its own jvp, not that of the operations in its forward.
             raise Unsupported("no stacked-tangent rule for a custom torch.autograd.Function")
+        name = getattr(func, "__name__", "")
         rule = _RULES.get(func)
         if rule is not None:
-            return rule(self, func, *args, **kwargs)
-        name = getattr(func, "__name__", "")
+            try:
+                return rule(self, func, *args, **kwargs)
+            except Unsupported:
+                raise
+            except Exception as error:  # a case the rule does not cover: the general path
+                raise Unsupported(f"the stacked-tangent rule for {name} failed: {error}") from error
         if name == "__get__":  # an attribute such as x.shape or x.T
             attribute = getattr(getattr(func, "__self__", None), "__name__", "")
             if attribute in _ATTRIBUTES:

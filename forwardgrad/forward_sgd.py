@@ -27,7 +27,6 @@ from forwardgrad.estimators import (
     ForwardGradient,
     _call_closure,
     _check_finite,
-    _forward_mode_context,
     _Replay,
     _trainable,
 )
@@ -107,7 +106,7 @@ class ForwardSGD(torch.optim.Optimizer):
             replay = _Replay(model)
             source = fp.DrawnTangents(params, count, distribution, seed)
             try:
-                with _forward_mode_context():
+                with torch.no_grad():
                     loss, derivatives = fp.stacked_derivatives(
                         lambda: _call_closure(closure), params, source, count
                     )

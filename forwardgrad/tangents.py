@@ -62,6 +62,10 @@ def sample_tangents(
       Gaussian matrix with the sign fix of Mezzadri 2007), n the total number of parameters;
       needs K <= n.
 
+    Normal and Rademacher tangents take one seed from ``generator`` (``draw_seed``) and give
+    parameter i the tangents ``parameter_tangents(params[i], K, distribution, seed, i)``, so
+    that each can be drawn again alone, when it is needed, from the seed.
+
     Args:
       params: tensors whose shapes, dtypes and devices the tangents take.
       count: K, the number of directions.
@@ -158,13 +162,15 @@ def fill_tangent(
         (flat[start : start + CHUNK], stream_seed(seed, index, k, start // CHUNK))
         for start in range(0, flat.numel(), CHUNK)
     ]
-    fill = _fill_normal if distribution == "normal" else _fill_rademacher
-    if len(chunks) > 1 and flat.device.type == "cpu" and torch.get_num_threads() > 1:
-        # Each stream is serial inside torch; the streams themselves are independent.
-        list(_pool().map(lambda chunk: fill(*chunk), chunks))
+    if distribution == "rademacher":  # each integer pass is already parallel inside torch
+        for chunk in chunks:
+            _fill_rademacher(*chunk)
+    elif len(chunks) > 1 and flat.device.type == "cpu" and torch.get_num_threads() > 1:
+        # torch's normal_ draws its uniforms serially; independent streams need not.
+        list(_pool().map(lambda chunk: _fill_normal(*chunk), chunks))
     else:
         for chunk in chunks:
-            fill(*chunk)
+            _fill_normal(*chunk)
     return out
 
 
