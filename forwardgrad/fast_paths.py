@@ -355,19 +355,33 @@ def _convolution(mode, func, x, weight, bias=None, *args, **kwargs):
     if tw is not None and _arg(args, kwargs, 3, "groups", 1) != 1:
         raise Unsupported("no stacked-tangent rule for a grouped convolution's weight")
     tangent = None
-    if tx is not None or tw is not None:
-        slices = _batch_slices(out, 2 * count) if batched else [slice(None)]
-        if len(slices) == 1:
-            tangent = _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs)
-        else:
-            # A slice of the batch at a time: whole, each product would leave one more
-            # activation-sized temporary (two, when oneDNN reorders its output) at the peak.
-            tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
+    slices = _batch_slices(out, 2 * count) if batched else [slice(None)]
+    if (tx is not None or tw is not None) and len(slices) == 1:
+        tangent = _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs)
+    elif count == 1 and (tx is not None or tw is not None):
+        # A slice of the batch at a time: whole, each product would leave one more
+        # activation-sized temporary (two, when oneDNN reorders its output) at the peak.
+        tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
+        for rows in slices:
+            part = None if tx is None else tx[:, rows]
+            tangent[:, rows] = _convolution_tangent(
+                func, x[rows], part, weight, tw, count, args, kwargs
+            )
+    elif tx is not None or tw is not None:
+        # K > 1: the K·B tangent images in one convolution, and x ⊛ V_k, whose (B, K·C_out,
+        # ...) result would be K activations more, a slice of the batch at a time.
+        if tx is not None:
+            tangent = _convolution_tangent(func, x, tx, weight, None, count, args, kwargs)
+        if tw is not None:
+            fresh = tangent is None
+            if fresh:
+                tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
+            filters = tw.flatten(0, 1)
             for rows in slices:
-                part = None if tx is None else tx[:, rows]
-                tangent[:, rows] = _convolution_tangent(
-                    func, x[rows], part, weight, tw, count, args, kwargs
-                )
+                stacked = func(x[rows], filters, None, *args, **kwargs)
+                stacked = stacked.unflatten(1, (count, -1)).transpose(0, 1)
+                target = tangent[:, rows]
+                target.copy_(stacked) if fresh else target.add_(stacked)
     if tb is not None:
         channel = 1 if batched else 0
         bias_tangent = tb.reshape(count, *([1] * channel), -1, *([1] * (out.dim() - channel - 1)))
