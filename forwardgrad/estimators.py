@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 from forwardgrad import fast_paths as fp
 from forwardgrad import tangents as tg
@@ -197,6 +199,28 @@ def _parameters_replaced(model: nn.Module, values: Mapping[int, torch.Tensor]) -
     finally:
         for module, name, p in swapped:
             module._parameters[name] = p
+
+
+class _CapturedParameters(TorchFunctionMode):
+    """Hands every operation the dual tensor in place of the parameter it stands for.
+
+    ``_parameters_replaced`` covers what the closure reaches through the model; this covers
+    references captured before the call (``params = list(model.parameters())`` used for an L2
+    penalty inside the closure), which would otherwise be constants with no tangent.
+    """
+
+    def __init__(self, values: Mapping[int, torch.Tensor]):
+        super().__init__()
+        self.values = values
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        def swap(value):
+            if isinstance(value, torch.Tensor):
+                return self.values.get(id(value), value)
+            return value
+
+        args, kwargs = tree_map(swap, (args, kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def _call_closure(closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -533,8 +557,11 @@ class ForwardGradient(_Seeded):
         # Per model: whether the vectorised K-tangent pass works and agrees with K plain passes.
         # Legacy vmap's batching rules are checked once against the loop, never trusted blindly.
         self._batching: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        # Models whose closure used an operation that fast_paths has no rule for.
+        # Models whose closure used an operation that fast_paths has no rule for, or whose
+        # fast-path derivatives disagreed with the general path's on first use.
         self._general: weakref.WeakSet = weakref.WeakSet()
+        # Models whose fast-path derivatives were checked against the general path once.
+        self._verified: weakref.WeakSet = weakref.WeakSet()
         # K > 1: the tangent tensors of the last step, reused so that each step does not pay
         # the page faults of fresh multi-megabyte allocations.
         self._buffers: dict[int, torch.Tensor] = {}
@@ -559,7 +586,8 @@ class ForwardGradient(_Seeded):
         replay = _Replay(model)
 
         def evaluate(duals: list[torch.Tensor]) -> torch.Tensor:
-            with _parameters_replaced(model, {id(p): d for p, d in zip(params, duals)}):
+            values = {id(p): d for p, d in zip(params, duals)}
+            with _parameters_replaced(model, values), _CapturedParameters(values):
                 return _call_closure(closure)
 
         try:
@@ -637,6 +665,8 @@ class ForwardGradient(_Seeded):
                     lambda: _call_closure(closure), params, source, self.tangents
                 )
             _check_finite(loss, derivatives)
+            if model not in self._verified:
+                self._verify_fast_path(model, closure, params, derivatives, generator_state)
         except Exception as error:
             for p, had in zip(params, had_grad):  # K = 1 drew tangents into .grad
                 if not had:
@@ -650,6 +680,43 @@ class ForwardGradient(_Seeded):
             replay.rewind()
             generator.set_state(generator_state)
             return None
+        return self._write_fast_estimate(params, source, loss, derivatives)
+
+    def _verify_fast_path(
+        self,
+        model: nn.Module,
+        closure: Callable[[], torch.Tensor],
+        params: list[nn.Parameter],
+        derivatives: torch.Tensor,
+        generator_state: torch.Tensor,
+    ) -> None:
+        """On a model's first fast step, recompute the derivatives by dual tensors.
+
+        The stacked-tangent rules cannot see every way a closure may compute (TorchScript
+        runs below them, for one), so their result is trusted only once it has matched
+        PyTorch's own forward-mode AD for the same tangents. On a mismatch the model moves
+        to the general path for good (``fp.Unsupported``). State is left as after one forward.
+        """
+        generator = self.generator(params[0].device)
+        after_generator = generator.get_state()
+        after_forward = _Replay(model)
+        generator.set_state(generator_state)
+        directions = self.sample(params)
+        try:
+            _, reference = self.directional_derivatives(model, closure, params, directions)
+        except Exception:
+            reference = None  # the general path cannot run this closure: trust the rules
+        finally:
+            after_forward.rewind()
+            generator.set_state(after_generator)
+        self._verified.add(model)
+        if reference is None:
+            return
+        tolerance = 1e-3 * float(reference.abs().max()) + 1e-6
+        if not bool((derivatives - reference).abs().max() <= tolerance):
+            raise fp.Unsupported("the stacked-tangent rules disagree with forward-mode AD")
+
+    def _write_fast_estimate(self, params, source, loss, derivatives) -> torch.Tensor:
         if self.combine == "mean":
             coefficients = tg.mean_coefficients(derivatives)
         else:

@@ -214,7 +214,6 @@ class StackedTangents(TorchFunctionMode):
         self._tangent_of = tangent_of
         self._tangents = WeakIdKeyDictionary()
         self.boundary = None  # the frame that runs the closure: where the stack search stops
-        self.last_references = 0  # see _calibrate
 
     def tangent(self, value: object) -> torch.Tensor | None:
         """The ``(K, *shape)`` tangent of ``value``, or ``None`` if it is a constant."""
@@ -339,8 +338,7 @@ def _linear(mode, func, x, weight, bias=None):
 
 
 def _shaped(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``t``, just computed, given ``shape`` in place rather than viewed: it stays a base
-    tensor, which a later operation may overwrite (see ``_is_temporary``)."""
+    """``t``, just computed, given ``shape`` in place rather than viewed."""
     if t.shape == tuple(shape):
         return t
     if t.is_contiguous() and not t._is_view():
@@ -446,91 +444,19 @@ def _scaled(derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
 
 
 def _relu(mode, func, x, *args, **kwargs):
-    references = sys.getrefcount(x)  # first, so that it counts the same as in _calibrate
-    mode.last_references = references
     inplace = func in _IN_PLACE_RELU or bool(_arg(args, kwargs, 0, "inplace", False))
     tx = mode.tangent(x)
     if inplace:
         if id(x) in mode._index or x._is_view() or _shares_storage(mode, x):
             raise Unsupported("no stacked-tangent rule for in-place relu on a view or parameter")
         out = torch.relu_(x)
-    elif _is_temporary(mode, func, x, tx, references):
-        # Nothing else can see x or its tangent (say relu(conv(x))): reuse both, which saves
-        # two activation-sized tensors at the peak of a convolutional network's step.
-        out = torch.relu_(x)
-        torch.ops.aten.threshold_backward.grad_input(tx, out, 0, grad_input=tx)
-        return mode.track(out, tx)
     else:
         out = torch.relu(x)
-    # ẏ = ẋ where y > 0, else 0: relu's own backward kernel, broadcast over K.
+    # ẏ = ẋ where y > 0, else 0: relu's own backward kernel, broadcast over K. Always a new
+    # tensor: a tangent may be shared with other tensors (h - c shares h's), so it is never
+    # overwritten in place.
     tangent = torch.ops.aten.threshold_backward(tx, out, 0)
     return mode.track(out, tangent)
-
-
-def _storage_users(t: torch.Tensor) -> int:
-    """How many tensors share ``t``'s storage (views included), as ATen counts them."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:
-        return 2**30
-    return count(t.untyped_storage()._cdata) - 1  # less the storage object made here
-
-
-def _is_temporary(mode, func, x, tx, references: int) -> bool:
-    """Whether ``x`` and its tangent are intermediates that no Python name, container or view
-    holds, so that an operation may overwrite them.
-
-    A Python reference held anywhere shows in ``sys.getrefcount``: ``_calibrate`` measures the
-    count of a bare temporary through each entry point, and of a named one, and only where the
-    two differ is the test used. Views are caught by ATen's count of a storage's users.
-    """
-    limit = _temporary_references().get(func)
-    return (
-        limit is not None
-        and references <= limit
-        and tx is not None
-        and id(x) not in mode._index
-        and not x._is_view()
-        and not tx._is_view()
-        and tx.shape[1:] == x.shape
-        and tx.is_contiguous()
-        and _storage_users(x) == 1
-        and _storage_users(tx) == 1
-    )
-
-
-_TEMPORARY_REFERENCES: dict | None = None
-
-
-def _temporary_references() -> dict:
-    global _TEMPORARY_REFERENCES
-    if _TEMPORARY_REFERENCES is None:
-        _TEMPORARY_REFERENCES = {}  # no reuse while calibrating
-        _TEMPORARY_REFERENCES = _calibrate()
-    return _TEMPORARY_REFERENCES
-
-
-def _calibrate() -> dict:
-    """sys.getrefcount of a temporary reaching ``_relu`` through each entry point, kept only
-    where a named tensor counts more. Written out call by call: a helper function would hold
-    one more reference."""
-    weight = torch.ones(2)
-    mode = StackedTangents([weight], lambda i: torch.ones(1, 2), 1)
-    counts = {}
-    with torch.no_grad(), mode:
-        torch.relu(weight * 1.0)
-        temporary = mode.last_references
-        named = weight * 1.0
-        torch.relu(named)
-        counts[torch.relu] = (temporary, mode.last_references)
-        F.relu(weight * 1.0)
-        temporary = mode.last_references
-        F.relu(named)
-        counts[F.relu] = (temporary, mode.last_references)
-        (weight * 1.0).relu()
-        temporary = mode.last_references
-        named.relu()
-        counts[torch.Tensor.relu] = (temporary, mode.last_references)
-    return {func: bare for func, (bare, held) in counts.items() if held > bare}
 
 
 def _shares_storage(mode, x: torch.Tensor) -> bool:
@@ -553,7 +479,8 @@ def _silu_derivative(x, out, inplace=False):
 
 
 def _leaky_relu_derivative(x, out, negative_slope=0.01, inplace=False):
-    return torch.where(x > 0, 1.0, negative_slope).to(x.dtype)
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return torch.where(x > 0, one, one * negative_slope)
 
 
 def _reshaped(mode, func, x, *args, **kwargs):
@@ -580,6 +507,8 @@ def _transpose(mode, func, x, *args, **kwargs):
 
 
 def _transpose_last(mode, func, x, *args, **kwargs):
+    if x.dim() > 2 and getattr(getattr(func, "__self__", None), "__name__", "") == "T":
+        raise Unsupported("no stacked-tangent rule for Tensor.T on more than two dimensions")
     out = func(x, *args, **kwargs)
     if x.dim() < 2:
         return mode.track(out, mode.tangent(x))
@@ -595,6 +524,8 @@ def _permute(mode, func, x, *dims, **kwargs):
 
 def _getitem(mode, func, x, index):
     index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, list) and any(isinstance(j, (list, tuple)) for j in i) for i in index):
+        raise Unsupported("no stacked-tangent rule for indexing with nested lists")
     advanced = [i for i in index if isinstance(i, (torch.Tensor, list))]
     if len(advanced) > 1:
         raise Unsupported("no stacked-tangent rule for indexing with several index tensors")

@@ -397,3 +397,54 @@ def test_model_without_trainable_parameters(name):
     model = nn.Linear(2, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         fg.make_estimator(name).estimate(model, lambda: model(torch.ones(1, 2)).sum())
+
+
+# --- Regressions: cases where a fast rule could silently go wrong ------------------------
+
+
+def _projection_equals_backprop(model, closure):
+    exact = exact_grad(model, closure)
+    n = exact.numel()
+    fg.ForwardGradient(n, "normal", "projection", seed=0).estimate(model, closure)
+    return torch.allclose(flat_grad(model), exact, rtol=1e-6, atol=1e-9)
+
+
+def test_tangent_shared_by_two_tensors_is_not_overwritten():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+
+    def closure():
+        h = model(x)
+        return (torch.relu(h - 0.5) + h).pow(2).sum()
+
+    assert _projection_equals_backprop(model, closure)
+    for k in (1, 3):  # and the plain estimate is unbiased-exact in direction for K = 1, 3
+        fg.ForwardGradient(k, seed=0).estimate(model, closure)
+        assert flat_grad(model).abs().sum() > 0
+
+
+def test_torchscript_inside_the_closure_is_differentiated():
+    @torch.jit.script
+    def activation(h):
+        return torch.tanh(h) * 2.0
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    assert _projection_equals_backprop(model, lambda: activation(model(x)).pow(2).sum())
+
+
+def test_parameters_captured_outside_the_closure_carry_tangents():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2).double()
+    x = torch.randn(3, 2, dtype=torch.float64)
+    params = list(model.parameters())
+
+    def closure():  # .abs() has no fast rule, so this runs on the general path
+        return model(x).abs().mean() + 0.5 * sum(p.pow(2).sum() for p in params)
+
+    assert _projection_equals_backprop(model, closure)
+    exact = exact_grad(model, closure)
+    fg.ForwardGradient(6, "orthogonal", "projection", seed=1).estimate(model, closure)
+    assert torch.allclose(flat_grad(model), exact, rtol=1e-6, atol=1e-9)

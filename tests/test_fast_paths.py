@@ -194,7 +194,7 @@ def test_losses():
 
 
 def test_named_tensors_are_never_overwritten():
-    # relu may reuse a temporary in place; a tensor the closure still holds is not one.
+    # relu never writes into its input or a tangent: a tensor the closure still holds stays.
     model = nn.Linear(4, 4)
     x = torch.randn(3, 4)
     kept = {}
