@@ -28,6 +28,7 @@ from forwardgrad.estimators import (
     make_estimator,
     zeroth_order_grad,
 )
+from forwardgrad.forward_sgd import ForwardSGD
 from forwardgrad.frank_wolfe import FrankWolfe
 from forwardgrad.problems import make_model, make_test_function
 from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS, combine, sample_tangents
@@ -45,6 +46,7 @@ __all__ = [
     "Estimator",
     "EstimatorError",
     "ForwardGradient",
+    "ForwardSGD",
     "FrankWolfe",
     "KSparsePolytope",
     "L1Ball",
