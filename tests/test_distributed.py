@@ -18,11 +18,11 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from tiny_idx import write_tiny_dataset
 from torch import nn
 
 from forwardgrad import data
@@ -412,25 +412,10 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-def write_tiny_dataset(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    (root / "tiny").mkdir(parents=True)
-    for split, count in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
-        labels = rng.integers(0, 10, count)
-        images = rng.integers(0, 60, (count, 28, 28))
-        for i, label in enumerate(labels):
-            images[i, 2 * label : 2 * label + 3, 4:24] = 250
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            header = bytes([0, 0, 0x08, array.ndim])
-            header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-            path = root / "tiny" / f"{split}-{kind}-ubyte"
-            path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    write_tiny_dataset(root / "data")
+    write_tiny_dataset(root / "data" / "tiny", TRAIN_SIZE, TEST_SIZE)
     (root / "launcher.py").write_text(LAUNCHER)
     return root
 

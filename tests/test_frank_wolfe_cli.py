@@ -9,12 +9,12 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from tiny_idx import install_tiny_dataset
 from torch import nn
 
-from forwardgrad import cli, data
+from forwardgrad import cli
 from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
 from forwardgrad.cli import main
 from forwardgrad.frank_wolfe import FrankWolfe
@@ -31,31 +31,10 @@ TINY = ["--dataset", "tiny", "--batch-size", "16", "--threads", "1", "--quiet"]
 FW = ["--optimizer", "frank-wolfe"]
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file of unsigned bytes: magic 00 00 08 <ndim>, big-endian sizes, then the data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape
-    )
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch) -> Path:
     """FORWARDGRAD_DATA_DIR with a learnable 64+32-example data set registered as "tiny"."""
-    spec = data.DatasetSpec("tiny", (), None, None, train_size=TRAIN_SIZE, test_size=TEST_SIZE)
-    monkeypatch.setitem(data.DATASETS, "tiny", spec)
-    root = tmp_path / "data"
-    (root / "tiny").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, count in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
-        labels = rng.integers(0, 10, count)
-        images = rng.integers(0, 60, (count, 28, 28))
-        for i, label in enumerate(labels):
-            images[i, 2 * label : 2 * label + 3, 4:24] = 250
-        write_idx(root / "tiny" / f"{split}-images-idx3-ubyte", images)
-        write_idx(root / "tiny" / f"{split}-labels-idx1-ubyte", labels)
-    monkeypatch.setenv("FORWARDGRAD_DATA_DIR", str(root))
-    return root
+    return install_tiny_dataset(monkeypatch, tmp_path / "data", TRAIN_SIZE, TEST_SIZE)
 
 
 def run(argv: list, capsys) -> tuple[int, str, str]:

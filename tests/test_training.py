@@ -13,11 +13,10 @@ import os
 import signal
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from tiny_idx import install_tiny_dataset
 
-from forwardgrad import data
 from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
 from forwardgrad.training import (
     CheckpointWarning,
@@ -43,43 +42,10 @@ SUMMARY_KEYS = {
 }  # fmt: skip
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """An IDX file of unsigned bytes: magic 00 00 08 <ndim>, big-endian sizes, then the data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape
-    )
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def write_tiny_dataset(directory: Path, seed: int = 0) -> Path:
-    """Learnable 28x28 images: class k lights up row block k, plus noise."""
-    rng = np.random.default_rng(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, count in (("train", TRAIN_SIZE), ("t10k", TEST_SIZE)):
-        labels = rng.integers(0, 10, count)
-        images = rng.integers(0, 60, (count, 28, 28))
-        for i, label in enumerate(labels):
-            images[i, 2 * label : 2 * label + 3, 4:24] = 250
-        write_idx(directory / f"{split}-images-idx3-ubyte", images)
-        write_idx(directory / f"{split}-labels-idx1-ubyte", labels)
-    return directory
-
-
 @pytest.fixture
 def tiny_data(tmp_path, monkeypatch) -> Path:
     """A data directory holding the "tiny" data set, registered for this test."""
-    spec = data.DatasetSpec(
-        name="tiny",
-        mirrors=(),
-        sha256=None,
-        gz_md5=None,
-        train_size=TRAIN_SIZE,
-        test_size=TEST_SIZE,
-    )
-    monkeypatch.setitem(data.DATASETS, "tiny", spec)
-    root = tmp_path / "data"
-    write_tiny_dataset(root / "tiny")
-    return root
+    return install_tiny_dataset(monkeypatch, tmp_path / "data", TRAIN_SIZE, TEST_SIZE)
 
 
 def image_config(data_dir: Path, **changes) -> TrainConfig:

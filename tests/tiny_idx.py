@@ -1,0 +1,51 @@
+"""Tiny learnable IDX data sets written inside tests, so no test needs the real MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from forwardgrad import data
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes: magic 00 00 08 <ndim>, big-endian sizes, then the data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_dataset(directory: Path, train_size: int, test_size: int, seed: int = 0) -> Path:
+    """Learnable 28x28 images in the four MNIST files: class k lights up row block k."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train_size), ("t10k", test_size)):
+        labels = rng.integers(0, 10, count)
+        images = rng.integers(0, 60, (count, 28, 28))
+        for i, label in enumerate(labels):
+            images[i, 2 * label : 2 * label + 3, 4:24] = 250
+        write_idx(directory / f"{split}-images-idx3-ubyte", images)
+        write_idx(directory / f"{split}-labels-idx1-ubyte", labels)
+    return directory
+
+
+def tiny_spec(train_size: int, test_size: int) -> data.DatasetSpec:
+    """The spec under which the data set is registered as "tiny" (no hashes, no mirrors)."""
+    return data.DatasetSpec(
+        name="tiny",
+        mirrors=(),
+        sha256=None,
+        gz_md5=None,
+        train_size=train_size,
+        test_size=test_size,
+    )
+
+
+def install_tiny_dataset(monkeypatch, root: Path, train_size: int, test_size: int) -> Path:
+    """Register "tiny", write it under ``root/tiny`` and point FORWARDGRAD_DATA_DIR at root."""
+    monkeypatch.setitem(data.DATASETS, "tiny", tiny_spec(train_size, test_size))
+    write_tiny_dataset(root / "tiny", train_size, test_size)
+    monkeypatch.setenv("FORWARDGRAD_DATA_DIR", str(root))
+    return root
