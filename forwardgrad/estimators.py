@@ -511,6 +511,11 @@ class _Seeded(Estimator):
             self.generator(key).set_state(rng_state)
 
 
+# Per model, the fast-path variants already checked against forward-mode AD (shared by every
+# estimator, so that a new estimator on the same model does not pay the check again).
+_FAST_PATH_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class ForwardGradient(_Seeded):
     """The forward gradient g = Σ_k c_k v_k from K directional derivatives by forward-mode AD.
 
@@ -560,8 +565,6 @@ class ForwardGradient(_Seeded):
         # Models whose closure used an operation that fast_paths has no rule for, or whose
         # fast-path derivatives disagreed with the general path's on first use.
         self._general: weakref.WeakSet = weakref.WeakSet()
-        # Models whose fast-path derivatives were checked against the general path once.
-        self._verified: weakref.WeakSet = weakref.WeakSet()
         # K > 1: the tangent tensors of the last step, reused so that each step does not pay
         # the page faults of fresh multi-megabyte allocations.
         self._buffers: dict[int, torch.Tensor] = {}
@@ -665,7 +668,7 @@ class ForwardGradient(_Seeded):
                     lambda: _call_closure(closure), params, source, self.tangents
                 )
             _check_finite(loss, derivatives)
-            if model not in self._verified:
+            if self._verification_key() not in _FAST_PATH_VERIFIED.get(model, ()):
                 self._verify_fast_path(model, closure, params, derivatives, generator_state)
         except Exception as error:
             for p, had in zip(params, had_grad):  # K = 1 drew tangents into .grad
@@ -709,12 +712,16 @@ class ForwardGradient(_Seeded):
         finally:
             after_forward.rewind()
             generator.set_state(after_generator)
-        self._verified.add(model)
+        _FAST_PATH_VERIFIED.setdefault(model, set()).add(self._verification_key())
         if reference is None:
             return
         tolerance = 1e-3 * float(reference.abs().max()) + 1e-6
         if not bool((derivatives - reference).abs().max() <= tolerance):
             raise fp.Unsupported("the stacked-tangent rules disagree with forward-mode AD")
+
+    def _verification_key(self) -> tuple:
+        # K = 1 and K > 1 take different code in fast_paths; so do the two distributions.
+        return (self.tangents == 1, self.distribution)
 
     def _write_fast_estimate(self, params, source, loss, derivatives) -> torch.Tensor:
         if self.combine == "mean":
