@@ -6,7 +6,6 @@ Most tests call ``main(argv)`` in this process (fast); two start a real process,
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_idx import install_tiny_dataset
+from helpers import final_params, install_tiny_dataset, read_metrics
 
 from forwardgrad import cli
-from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
+from forwardgrad.checkpoint import list_checkpoints
 from forwardgrad.cli import ProgressDisplay, main
 from forwardgrad.training import Progress
 
@@ -41,15 +40,6 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint(list_checkpoints(run_dir / "checkpoints")[0][1])["model"]
 
 
 # --------------------------------------------------------------------------- commands
@@ -109,21 +99,12 @@ def test_progress_lines_when_not_a_terminal_and_a_bar_otherwise():
 
 def test_compare_uses_the_same_seed_and_data_order(tiny_data, tmp_path, capsys):
     out_dir = tmp_path / "cmp"
+    command = [
+        "compare", "--problem", "mlp", *TINY, "--steps", "4", "--eval-every", "0",
+        "--estimators", "forward,backprop,zeroth-order", "--out", out_dir,
+    ]  # fmt: skip
     code, out, err = run(
-        [
-            "compare",
-            "--problem",
-            "mlp",
-            *TINY,
-            "--steps",
-            "4",
-            "--eval-every",
-            "0",
-            "--estimators",
-            "forward,backprop,zeroth-order",
-            "--out",
-            out_dir,
-        ],  # fmt: skip
+        command,
         capsys,
     )
     assert code == 0, err
@@ -140,20 +121,7 @@ def test_compare_uses_the_same_seed_and_data_order(tiny_data, tmp_path, capsys):
     # Rerunning the same command keeps the finished runs instead of failing or redoing them.
     before = (out_dir / "backprop" / "summary.json").stat().st_mtime_ns
     code, _, err = run(
-        [
-            "compare",
-            "--problem",
-            "mlp",
-            *TINY,
-            "--steps",
-            "4",
-            "--eval-every",
-            "0",
-            "--estimators",
-            "forward,backprop,zeroth-order",
-            "--out",
-            out_dir,
-        ],  # fmt: skip
+        command,
         capsys,
     )
     assert code == 0, err

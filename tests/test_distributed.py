@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from tiny_idx import write_tiny_dataset
+from helpers import write_tiny_dataset
 from torch import nn
 
 from forwardgrad import data

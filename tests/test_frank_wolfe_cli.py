@@ -3,7 +3,6 @@ gap columns, exact resume, averaged vs raw comparisons, the reproduce experiment
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import replace
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_idx import install_tiny_dataset
+from helpers import final_params, install_tiny_dataset, read_metrics
 from torch import nn
 
 from forwardgrad import cli
@@ -41,15 +40,6 @@ def run(argv: list, capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_checkpoint(list_checkpoints(run_dir / "checkpoints")[0][1])["model"]
 
 
 # --------------------------------------------------------------------------- the loop

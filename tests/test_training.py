@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_idx import install_tiny_dataset
+from helpers import final_params, install_tiny_dataset, read_metrics
 
 from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
 from forwardgrad.training import (
@@ -62,16 +62,6 @@ def image_config(data_dir: Path, **changes) -> TrainConfig:
         threads=1,
     )
     return TrainConfig(**{**values, **changes})
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, str]]:
-    with open(run_dir / "metrics.csv", newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
-    step, path = list_checkpoints(run_dir / "checkpoints")[0]
-    return read_checkpoint(path)["model"]
 
 
 def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

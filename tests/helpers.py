@@ -1,12 +1,16 @@
-"""Tiny learnable IDX data sets written inside tests, so no test needs the real MNIST."""
+"""Shared test helpers: tiny learnable IDX data sets (so no test needs the real MNIST), and
+readers of what a run directory holds."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from forwardgrad import data
+from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -49,3 +53,14 @@ def install_tiny_dataset(monkeypatch, root: Path, train_size: int, test_size: in
     write_tiny_dataset(root / "tiny", train_size, test_size)
     monkeypatch.setenv("FORWARDGRAD_DATA_DIR", str(root))
     return root
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's metrics.csv, as strings."""
+    with open(run_dir / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state of the run's newest checkpoint."""
+    return read_checkpoint(list_checkpoints(run_dir / "checkpoints")[0][1])["model"]
