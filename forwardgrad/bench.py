@@ -85,10 +85,20 @@ class Contender:
     estimator: str  # forward, backprop, forward-gradient, forward-sgd, zeroth-order
     tangents: int = 1
     distribution: str = "normal"
+    # Memory only: "fresh", .grad freed before the step as optimizer.zero_grad() does; "kept",
+    # the buffers of the last step reused, as with zero_grad(set_to_none=False).
+    grads: str = "fresh"
 
 
 FORWARD = Contender("forward", "forward only", "forward")
 BACKPROP = Contender("backprop", "backprop", "backprop")
+# The usual loop on kept buffers: zero_grad(set_to_none=False), loss.backward(), step().
+BACKPROP_KEPT = Contender("backprop:kept", "backprop", "backprop", grads="kept")
+
+
+def kept(contender: Contender) -> Contender:
+    """``contender`` stepping on the ``.grad`` buffers of its last step."""
+    return Contender(**{**asdict(contender), "key": contender.key + ":kept", "grads": "kept"})
 
 
 def forward_gradient(tangents: int, distribution: str = "normal") -> Contender:
@@ -134,6 +144,15 @@ def make_step(
     if kind == "forward-sgd":
         sgd = ForwardSGD(model, lr, contender.tangents, contender.distribution, seed=seed)
         return lambda: sgd.step(closure)
+    if kind == "backprop" and contender.grads == "kept":
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=False)
+            closure().backward()
+            optimizer.step()
+
+        return step
     if kind == "backprop":
         estimator = Backprop()
     elif kind == "forward-gradient":
@@ -293,8 +312,9 @@ def memory_probe(spec: dict) -> dict:
     model, images, labels = make_problem(spec["model"], spec["batch"], spec.get("depth"))
     contender = Contender(**spec["contender"])
     make_step(contender, model, images, labels)()  # warm-up, then forget its state
-    for p in model.parameters():
-        p.grad = None
+    if contender.grads != "kept":
+        for p in model.parameters():
+            p.grad = None
     gc.collect()
     step = make_step(contender, model, images, labels, seed=1)
     gc.collect()
@@ -351,9 +371,11 @@ def memory_table(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Peak memory above resident of each contender on each (model, depth, batch) problem."""
-    if BACKPROP not in contenders:
-        contenders = [BACKPROP, *contenders]
+    """Peak memory above resident of each contender on each (model, depth, batch) problem,
+    as a ratio to the backprop step that treats ``.grad`` the same way (``Contender.grads``)."""
+    references = {"fresh": BACKPROP, "kept": BACKPROP_KEPT}
+    needed = [references[g] for g in dict.fromkeys(c.grads for c in contenders)]
+    contenders = [*[r for r in needed if r not in contenders], *contenders]
     rows = []
     for model_name, depth, batch in problems:
         network, _, _ = make_problem(model_name, 1, depth)
@@ -364,8 +386,8 @@ def memory_table(
             if progress:
                 progress(f"memory: {model_name} depth={depth} batch={batch} {c.label}")
             results[c.key] = peak_memory(model_name, batch, c, depth, threads)
-        reference = results[BACKPROP.key]["above_bytes"]
         for c in contenders:
+            reference = results[references[c.grads].key]["above_bytes"]
             above = results[c.key]["above_bytes"]
             rows.append(
                 {
@@ -374,6 +396,7 @@ def memory_table(
                     "batch": batch,
                     "contender": c.key,
                     "label": c.label,
+                    "grads": c.grads,
                     "param_bytes": param_bytes,
                     "above_resident_bytes": above,
                     "ratio_to_backprop": above / reference if reference else None,
@@ -430,7 +453,9 @@ class BenchConfig:
 
     def memory_contenders(self) -> list[Contender]:
         distribution = self.distributions[0]
-        return [BACKPROP, FORWARD, forward_gradient(1, distribution), forward_sgd(distribution)]
+        estimate = forward_gradient(1, distribution)
+        fresh = [BACKPROP, FORWARD, estimate, forward_sgd(distribution)]
+        return [*fresh, BACKPROP_KEPT, kept(estimate)]
 
 
 def machine() -> dict:
@@ -567,30 +592,41 @@ def to_markdown(results: dict) -> str:
             f"Tangent sampling into a buffer of {size:,} values (median):\n\n"
             + _table(["sampler", "1e9 values/s", "vs torch normal_"], rows)
         )
-    if results["memory"]:
-        labels = _labels(results["memory"])
-        header = ["model", "batch", "parameters"] + list(labels.values())
-        rows = []
-        groups = _grouped(results["memory"], ["model", "depth", "batch"])
-        for (model, depth, batch), cells in groups.items():
-            name = f"{model} depth {depth}" if depth else model
-            params = next(iter(cells.values()))["param_bytes"]
-            row = [name, str(batch), _megabytes(params)]
-            for k in labels:
-                cell = cells.get(k)
-                if cell is None:
-                    row.append("-")
-                    continue
-                ratio = cell["ratio_to_backprop"]
-                text = _megabytes(cell["above_resident_bytes"])
-                row.append(text if ratio is None else f"{text} ({ratio:.2f}x)")
-            rows.append(row)
-        method = results["memory"][0]["method"]
-        parts.append(
-            "Peak memory of one step above the resident size once model and batch exist, each "
-            f"contender in a fresh process ({method}); ratio to backprop:\n\n"
-            + _table(header, rows)
-        )
+    regimes = {
+        "fresh": "`.grad` freed before the step (as `optimizer.zero_grad()` does), so the step "
+        "allocates it",
+        "kept": "`.grad` kept from the last step (as `zero_grad(set_to_none=False)` keeps it); "
+        "backprop is `zero_grad(set_to_none=False)`, `loss.backward()`, `step()`",
+    }
+    for regime, says in regimes.items():
+        memory = [r for r in results["memory"] if r.get("grads", "fresh") == regime]
+        if memory:
+            parts.append(_memory_markdown(memory, says))
+    return "\n\n".join(parts) + "\n"
+
+
+def _memory_markdown(memory: Sequence[dict], regime: str) -> str:
+    labels = _labels(memory)
+    header = ["model", "batch", "parameters"] + list(labels.values())
+    rows = []
+    for (model, depth, batch), cells in _grouped(memory, ["model", "depth", "batch"]).items():
+        name = f"{model} depth {depth}" if depth else model
+        params = next(iter(cells.values()))["param_bytes"]
+        row = [name, str(batch), _megabytes(params)]
+        for k in labels:
+            cell = cells.get(k)
+            if cell is None:
+                row.append("-")
+                continue
+            ratio = cell["ratio_to_backprop"]
+            text = _megabytes(cell["above_resident_bytes"])
+            row.append(text if ratio is None else f"{text} ({ratio:.2f}x)")
+        rows.append(row)
+    return (
+        "Peak memory of one step above the resident size once model and batch exist, each "
+        f"contender in a fresh process ({memory[0]['method']}), {regime}; ratio to backprop:"
+        "\n\n" + _table(header, rows)
+    )
     return "\n\n".join(parts) + "\n"
 
 

@@ -665,7 +665,7 @@ class ForwardGradient(_Seeded):
         try:
             with torch.no_grad():  # no graph; the dual-tensor settings are not needed here
                 loss, derivatives = fp.stacked_derivatives(
-                    lambda: _call_closure(closure), params, source, self.tangents
+                    lambda: _call_closure(closure), params, source, self.tangents, replay.rewind
                 )
             _check_finite(loss, derivatives)
             if self._verification_key() not in _FAST_PATH_VERIFIED.get(model, ()):
@@ -832,8 +832,12 @@ class Backprop(Estimator):
                     "the loss does not depend on any trainable parameter (or the closure called "
                     "backward or ran under torch.no_grad()); compute it from the model's output."
                 )
+            # As optimizer.zero_grad() and loss.backward() do it: autograd hands each fresh
+            # gradient to .grad, with no copy into the old buffer (the fastest backprop step).
+            for p in params:
+                p.grad = None
             try:
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                torch.autograd.backward(loss, inputs=params)
             except RuntimeError as error:
                 if any(s in str(error) for s in _BACKWARD_CALLED):
                     raise ValueError(
@@ -841,8 +845,9 @@ class Backprop(Estimator):
                         "themselves, so return the loss without calling backward."
                     ) from None
                 raise
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        _write_grads(params, grads)
+        for p in params:  # a parameter the loss does not use has gradient zero
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         return loss.detach()
 
 

@@ -39,6 +39,10 @@ class Unsupported(RuntimeError):
     """An operation on the parameters' tangents has no rule here; use the general path."""
 
 
+class TangentReused(Unsupported):
+    """A tensor's tangent was read after relu had reused it in place for its output."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Where parameter tangents come from
 
@@ -167,6 +171,7 @@ def stacked_derivatives(
     params: Sequence[torch.Tensor],
     tangent_of: Callable[[int], torch.Tensor],
     count: int,
+    rewind: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``closure`` once and return its value and its K directional derivatives.
 
@@ -178,6 +183,11 @@ def stacked_derivatives(
       params: the parameters that carry tangents.
       tangent_of: the K tangents of parameter i, asked for when an operation first uses it.
       count: K.
+      rewind: puts back what running the closure changed (buffers, RNG states). Given it, relu
+        writes its output's tangent over its input's, one activation-sized tensor less at
+        the peak; if the closure then reads the input's tangent again (``h`` in
+        ``relu(h) + h``), everything is rewound and the closure runs again without that, as
+        it does from then on for these parameters.
 
     Returns:
       ``(value, derivatives)``: what the closure returned, and a tensor of shape ``(K,)``.
@@ -186,7 +196,24 @@ def stacked_derivatives(
       Unsupported: the closure used an operation on a tangent-carrying tensor that has no
         rule here; nothing has been applied to it.
     """
-    mode = StackedTangents(params, tangent_of, count)
+    reuse = rewind is not None and params[0] not in _KEEPS_RELU_INPUTS if params else False
+    try:
+        return _stacked_derivatives(closure, params, tangent_of, count, reuse)
+    except TangentReused:
+        if not reuse:
+            raise
+        _KEEPS_RELU_INPUTS[params[0]] = True
+        rewind()
+    return _stacked_derivatives(closure, params, tangent_of, count, reuse=False)
+
+
+# Models, known by their first parameter, whose closure reads a relu input's tangent after
+# the relu: there relu keeps its input's tangent and writes a new one.
+_KEEPS_RELU_INPUTS = WeakIdKeyDictionary()
+
+
+def _stacked_derivatives(closure, params, tangent_of, count, reuse):
+    mode = StackedTangents(params, tangent_of, count, reuse)
     mode.boundary = sys._getframe()
     with mode:
         value = closure()
@@ -206,13 +233,19 @@ class StackedTangents(TorchFunctionMode):
         params: Sequence[torch.Tensor],
         tangent_of: Callable[[int], torch.Tensor],
         count: int,
+        reuse: bool = False,
     ) -> None:
         super().__init__()
         self.count = count
+        self.reuse = reuse  # may relu overwrite a tangent that only its input holds?
         self._params = list(params)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tangent_of = tangent_of
         self._tangents = WeakIdKeyDictionary()
+        # Tensors whose tangent a rule allocated for them alone (not a view of another
+        # tensor's, nor a parameter's tangent, which may be its .grad).
+        self._owns = WeakIdKeyDictionary()
+        self._parameter_storages: set[int] = set()  # never written: .grad or held tangents
         self.boundary = None  # the frame that runs the closure: where the stack search stops
 
     def tangent(self, value: object) -> torch.Tensor | None:
@@ -221,16 +254,42 @@ class StackedTangents(TorchFunctionMode):
             return None
         index = self._index.get(id(value))
         if index is not None:
-            return self._tangent_of(index)
-        return self._tangents.get(value)
+            tangent = self._tangent_of(index)
+            self._parameter_storages.add(tangent.untyped_storage().data_ptr())
+            return tangent
+        tangent = self._tangents.get(value)
+        if tangent is _REUSED:
+            raise TangentReused("a tangent was read after relu had overwritten it")
+        return tangent
 
-    def track(self, out: torch.Tensor, tangent: torch.Tensor | None) -> torch.Tensor:
+    def track(
+        self, out: torch.Tensor, tangent: torch.Tensor | None, fresh: bool = False
+    ) -> torch.Tensor:
+        """Record ``tangent`` for ``out``; ``fresh``: the rule allocated it for ``out`` alone."""
+        self._owns.pop(out, None)
         if tangent is not None:
             shape = (self.count, *out.shape)
             if tangent.shape != shape:
-                tangent = tangent.expand(shape)
+                tangent, fresh = tangent.expand(shape), False
             self._tangents[out] = tangent
+            if fresh:
+                self._owns[out] = True
         return out
+
+    def reusable(self, x: torch.Tensor, tangent: torch.Tensor) -> bool:
+        """May ``x``'s tangent be overwritten? Only if a rule made it for ``x`` alone and no
+        other tensor's tangent has since become a view of it."""
+        if not (self.reuse and x in self._owns) or id(x) in self._index:
+            return False
+        pointer = tangent.untyped_storage().data_ptr()
+        if pointer in self._parameter_storages:
+            return False
+        return not any(
+            other is not x
+            and isinstance(t, torch.Tensor)
+            and t.untyped_storage().data_ptr() == pointer
+            for other, t in self._tangents.items()
+        )
 
     def _carries(self, value: object) -> bool:
         if isinstance(value, torch.Tensor):
@@ -334,7 +393,7 @@ def _linear(mode, func, x, weight, bias=None):
     if tb is not None:
         bias_tangent = _lift(tb, out.dim())
         tangent = bias_tangent if tangent is None else tangent.add_(bias_tangent)
-    return mode.track(out, tangent)
+    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
 
 
 def _shaped(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -384,7 +443,7 @@ def _convolution(mode, func, x, weight, bias=None, *args, **kwargs):
         channel = 1 if batched else 0
         bias_tangent = tb.reshape(count, *([1] * channel), -1, *([1] * (out.dim() - channel - 1)))
         tangent = bias_tangent if tangent is None else tangent.add_(bias_tangent)
-    return mode.track(out, tangent)
+    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
 
 
 def _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs) -> torch.Tensor:
@@ -438,7 +497,8 @@ def _scaled(derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
             raise Unsupported(f"no stacked-tangent rule for in-place {func.__name__}")
         tx = mode.tangent(x)
         out = func(x, *args, **kwargs)
-        return mode.track(out, _lift(tx, out.dim()) * derivative(x, out, *args, **kwargs))
+        tangent = _lift(tx, out.dim()) * derivative(x, out, *args, **kwargs)
+        return mode.track(out, tangent, fresh=True)
 
     return rule
 
@@ -452,11 +512,20 @@ def _relu(mode, func, x, *args, **kwargs):
         out = torch.relu_(x)
     else:
         out = torch.relu(x)
-    # ẏ = ẋ where y > 0, else 0: relu's own backward kernel, broadcast over K. Always a new
-    # tensor: a tangent may be shared with other tensors (h - c shares h's), so it is never
-    # overwritten in place.
+    # ẏ = ẋ where y > 0, else 0: relu's own backward kernel, broadcast over K. Written over ẋ
+    # only when no other tensor shares ẋ (h - c shares h's); x's tangent is then gone, and
+    # reading it again makes the caller run the closure once more without this.
+    if mode.reusable(x, tx):
+        torch.ops.aten.threshold_backward.grad_input(tx, out, 0, grad_input=tx)
+        if out is not x:
+            mode._tangents[x] = _REUSED
+            mode._owns.pop(x, None)
+        return mode.track(out, tx, fresh=True)
     tangent = torch.ops.aten.threshold_backward(tx, out, 0)
-    return mode.track(out, tangent)
+    return mode.track(out, tangent, fresh=True)
+
+
+_REUSED = object()  # in place of a tangent that relu has overwritten
 
 
 def _shares_storage(mode, x: torch.Tensor) -> bool:
@@ -560,7 +629,7 @@ def _add_or_sub(sign: float, reflected: bool = False):
         if tb is not None:
             term = _lift(tb, out.dim()) * (sign * alpha)
             tangent = term if tangent is None else tangent + term
-        return mode.track(out, tangent)
+        return mode.track(out, tangent, fresh=tb is not None)
 
     return rule
 
@@ -619,7 +688,7 @@ def _max_pool(mode, func, x, *args, **kwargs):
     slices = [slice(None)] if wants_indices or x.dim() == 3 else _batch_slices(x, 2)
     if len(slices) == 1:
         out, indices = F.max_pool2d(x, **options, return_indices=True)
-        mode.track(out, _gather_maxima(tx, indices, count))
+        mode.track(out, _gather_maxima(tx, indices, count), fresh=True)
         return (out, indices) if wants_indices else out
     # Big: the int64 indices of the whole batch would be an activation-sized temporary; pool
     # again a slice at a time for the tangent instead.
@@ -628,7 +697,7 @@ def _max_pool(mode, func, x, *args, **kwargs):
     for rows in slices:
         _, indices = F.max_pool2d(x[rows], **options, return_indices=True)
         tangent[:, rows] = _gather_maxima(tx[:, rows], indices, count)
-    return mode.track(out, tangent)
+    return mode.track(out, tangent, fresh=True)
 
 
 def _gather_maxima(tx: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
@@ -658,7 +727,7 @@ def _pooled(mode, func, x, *args, **kwargs):
     tx = mode.tangent(x)
     batched = x.dim() == 4
     tangent = func(tx.flatten(0, 1) if batched else tx, *args, **kwargs)
-    return mode.track(out, _shaped(tangent, (mode.count, *out.shape)))
+    return mode.track(out, _shaped(tangent, (mode.count, *out.shape)), fresh=True)
 
 
 def _dropout(mode, func, x, p=0.5, training=True, inplace=False):
@@ -712,7 +781,7 @@ def _batch_norm(
             term = t.view(count, *channel_shape)
             term = term * factor if factor is not None else term
             tangent = term if tangent is None else tangent + term
-    return mode.track(out, tangent)
+    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
 
 
 def _log_softmax(mode, func, x, *args, **kwargs):

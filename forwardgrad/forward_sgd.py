@@ -108,7 +108,7 @@ class ForwardSGD(torch.optim.Optimizer):
             try:
                 with torch.no_grad():
                     loss, derivatives = fp.stacked_derivatives(
-                        lambda: _call_closure(closure), params, source, count
+                        lambda: _call_closure(closure), params, source, count, replay.rewind
                     )
                 return loss.detach(), derivatives
             except Exception as error:  # the general path runs it again and reports errors

@@ -41,6 +41,32 @@ def test_every_contender_steps_and_changes_the_model():
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
+def test_kept_contenders_step_on_the_buffers_of_the_last_step():
+    for contender in [bench.BACKPROP_KEPT, bench.kept(bench.forward_gradient(1))]:
+        assert contender.grads == "kept"
+        model, images, labels = bench.make_problem("deep-mlp", 4, depth=2, width=8)
+        step = bench.make_step(contender, model, images, labels, lr=0.1)
+        step()
+        buffers = [p.grad for p in model.parameters()]
+        before = [p.detach().clone() for p in model.parameters()]
+        step()
+        assert all(p.grad is g for p, g in zip(model.parameters(), buffers))
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_memory_table_compares_each_regime_with_its_own_backprop():
+    estimate = bench.forward_gradient(1)
+    rows = bench.memory_table([("logreg", None, 16)], [estimate, bench.kept(estimate)], threads=1)
+    by_key = {row["contender"]: row for row in rows}
+    assert set(by_key) == {"backprop", "backprop:kept", estimate.key, estimate.key + ":kept"}
+    for key, reference in [(estimate.key, "backprop"), (estimate.key + ":kept", "backprop:kept")]:
+        above = by_key[reference]["above_resident_bytes"]
+        if above:
+            expected = by_key[key]["above_resident_bytes"] / above
+            assert by_key[key]["ratio_to_backprop"] == pytest.approx(expected)
+    assert by_key["backprop:kept"]["grads"] == "kept" and by_key["backprop"]["grads"] == "fresh"
+
+
 def test_deep_mlp_depth():
     model = bench.deep_mlp(3, width=16)
     assert sum(isinstance(m, torch.nn.Linear) for m in model) == 4  # 3 hidden layers + output
@@ -111,6 +137,11 @@ def test_markdown_and_files(tmp_path):
     json_path, md_path = bench.write_results(results, tmp_path / "out")
     assert json.loads(json_path.read_text())["timing"][1]["ratio_to_backprop"] == 0.8
     assert md_path.read_text() == text
+    assert "kept from the last step" not in text  # no such rows
+    results["memory"].append(
+        {**results["memory"][0], "contender": "backprop:kept", "grads": "kept"}
+    )
+    assert "kept from the last step" in bench.to_markdown(results)
 
 
 def parse(*argv):

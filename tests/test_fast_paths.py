@@ -100,13 +100,22 @@ def reference_derivatives(model, closure, params, directions):
     return loss, derivatives
 
 
-def assert_same_derivatives(model, closure, count, distribution="normal", atol=1e-5):
+def assert_same_derivatives(
+    model, closure, count, distribution="normal", atol=1e-5, reuse=True
+):
     params = [p for p in model.parameters() if p.requires_grad]
     source = fp.HeldTangents(params, count, distribution, seed=21)
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
+
+    def rewind():  # given, relu may overwrite its input's tangent (see stacked_derivatives)
+        model.load_state_dict(buffers)
+        torch.set_rng_state(rng)
+
     with torch.no_grad():
-        loss, derivatives = fp.stacked_derivatives(closure, params, source, count)
+        loss, derivatives = fp.stacked_derivatives(
+            closure, params, source, count, rewind if reuse else None
+        )
     fast_buffers = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(buffers)
     torch.set_rng_state(rng)
@@ -209,6 +218,126 @@ def test_named_tensors_are_never_overwritten():
         fp.stacked_derivatives(closure, params, fp.HeldTangents(params, 1, "normal", 0), 1)
     assert torch.equal(kept["copy"], kept["h"])
     assert_same_derivatives(model, closure, 2)
+
+
+def relu_reuse(model, closure, count=1):
+    """Run ``closure`` in a mode that may reuse tangents; return (input, output) tangents of
+    the first relu, and whether the input's tangent was gone afterwards."""
+    params = list(model.parameters())
+    mode = fp.StackedTangents(params, fp.HeldTangents(params, count, "normal", 0), count, True)
+    seen = {}
+    with torch.no_grad(), mode:
+        closure(mode, seen)
+    try:
+        mode.tangent(seen["input"])
+        gone = False
+    except fp.TangentReused:
+        gone = True
+    return seen, gone
+
+
+def test_relu_writes_over_a_tangent_only_its_input_holds():
+    model, x = nn.Linear(4, 4), torch.randn(3, 4)
+
+    def closure(mode, seen):
+        h = model(x)
+        seen["input"], seen["before"] = h, mode.tangent(h).clone()
+        seen["tangent_in"] = mode.tangent(h)
+        seen["tangent_out"] = mode.tangent(torch.relu(h))
+
+    seen, gone = relu_reuse(model, closure)
+    assert gone and seen["tangent_out"] is seen["tangent_in"]
+    assert torch.equal(seen["tangent_out"], seen["before"] * (model(x) > 0))
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        lambda h: h.view(-1),  # a view of h shares its tangent
+        lambda h: h.t(),
+        lambda h: h + 0,  # the sum's tangent is h's, lifted, when only h carries one
+    ],
+)
+def test_relu_keeps_a_tangent_that_another_tensor_shares(shared):
+    model, x = nn.Linear(4, 4), torch.randn(3, 4)
+
+    def closure(mode, seen):
+        h = model(x)
+        seen["input"], seen["other"] = h, shared(h)
+        seen["before"] = mode.tangent(seen["other"]).clone()
+        seen["tangent_in"] = mode.tangent(h)
+        seen["tangent_out"] = mode.tangent(torch.relu(h))
+        seen["after"] = mode.tangent(seen["other"])
+
+    seen, gone = relu_reuse(model, closure)
+    assert not gone and seen["tangent_out"] is not seen["tangent_in"]
+    assert torch.equal(seen["after"], seen["before"])
+
+
+def test_relu_never_writes_a_parameter_tangent():
+    # K = 1 draws tangents into .grad: relu of a parameter, or of a view of one, must leave
+    # them, or the estimate would be scaled garbage.
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+
+    def closure():
+        return torch.relu(model.weight).sum() + torch.relu(model.bias.view(3, 1)).sum() + (
+            torch.relu(model(x)).sum()
+        )
+
+    fast = fg.ForwardGradient(1, "normal", seed=2)
+    slow = general_path(fg.ForwardGradient(1, "normal", seed=2), model)
+    fast.estimate(model, closure)
+    grads = [p.grad.clone() for p in model.parameters()]
+    slow.estimate(model, closure)
+    for g, p in zip(grads, model.parameters()):
+        assert torch.allclose(g, p.grad, rtol=0, atol=1e-6 * p.grad.abs().max().item())
+
+
+class ReusesReluInput(nn.Module):
+    """relu(h) and then h again, with batch statistics and dropout in between: the first run
+    overwrites h's tangent, the rerun must see the same buffers and dropout mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 26 * 26, 10)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        y = F.dropout(torch.relu(h), 0.3, self.training) + 0.5 * h
+        return self.head(y.flatten(1))
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_relu_input_used_again_reruns_the_closure_without_reuse(count):
+    torch.manual_seed(0)
+    model = ReusesReluInput()
+    x, y = images(batch=4)
+    assert model.conv.weight not in fp._KEEPS_RELU_INPUTS
+    assert_same_derivatives(model, lambda: F.cross_entropy(model(x), y), count)
+    assert model.conv.weight in fp._KEEPS_RELU_INPUTS  # from then on, no reuse
+
+
+def test_relu_input_used_again_through_estimate():
+    torch.manual_seed(0)
+    x, y = images(batch=4)
+    model = ReusesReluInput()
+    reference = ReusesReluInput()
+    reference.load_state_dict(model.state_dict())
+    fast = fg.ForwardGradient(1, "rademacher", seed=5)
+    slow = general_path(fg.ForwardGradient(1, "rademacher", seed=5), reference)
+    for step in range(2):
+        torch.manual_seed(step)  # the same dropout masks for both
+        fast_loss = fast.estimate(model, lambda: F.cross_entropy(model(x), y))
+        torch.manual_seed(step)
+        slow_loss = slow.estimate(reference, lambda: F.cross_entropy(reference(x), y))
+        assert torch.allclose(fast_loss, slow_loss)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-5 * q.grad.abs().max().item())
+        for b, c in zip(model.buffers(), reference.buffers()):
+            assert torch.allclose(b.float(), c.float(), atol=1e-6)
 
 
 def test_unsupported_operation_raises_before_running():
