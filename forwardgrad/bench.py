@@ -627,7 +627,6 @@ def _memory_markdown(memory: Sequence[dict], regime: str) -> str:
         f"contender in a fresh process ({memory[0]['method']}), {regime}; ratio to backprop:"
         "\n\n" + _table(header, rows)
     )
-    return "\n\n".join(parts) + "\n"
 
 
 def _megabytes(count: float) -> str:

@@ -100,9 +100,7 @@ def reference_derivatives(model, closure, params, directions):
     return loss, derivatives
 
 
-def assert_same_derivatives(
-    model, closure, count, distribution="normal", atol=1e-5, reuse=True
-):
+def assert_same_derivatives(model, closure, count, distribution="normal", atol=1e-5, reuse=True):
     params = [p for p in model.parameters() if p.requires_grad]
     source = fp.HeldTangents(params, count, distribution, seed=21)
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
@@ -282,8 +280,10 @@ def test_relu_never_writes_a_parameter_tangent():
     x = torch.randn(4, 5)
 
     def closure():
-        return torch.relu(model.weight).sum() + torch.relu(model.bias.view(3, 1)).sum() + (
-            torch.relu(model(x)).sum()
+        return (
+            torch.relu(model.weight).sum()
+            + torch.relu(model.bias.view(3, 1)).sum()
+            + (torch.relu(model(x)).sum())
         )
 
     fast = fg.ForwardGradient(1, "normal", seed=2)
