@@ -384,7 +384,8 @@ def memory_table(
         results = {}
         for c in contenders:
             if progress:
-                progress(f"memory: {model_name} depth={depth} batch={batch} {c.label}")
+                kept = ", .grad kept" if c.grads == "kept" else ""
+                progress(f"memory: {model_name} depth={depth} batch={batch} {c.label}{kept}")
             results[c.key] = peak_memory(model_name, batch, c, depth, threads)
         for c in contenders:
             reference = results[references[c.grads].key]["above_bytes"]
