@@ -14,9 +14,9 @@ that uses it runs, so a caller can draw it then, and drop it or draw it again la
 ``TangentSource``); intermediate tangents die with their activations.
 
 Only operations with a rule below are covered: linear and convolution layers, the common
-activations, pooling, shape changes, elementwise arithmetic, dropout, batch norm, reductions
-and the usual losses. Any other operation that touches a tangent raises ``Unsupported``
-before it runs, and the caller falls back to the general path.
+activations, pooling, shape changes, elementwise arithmetic, dropout, batch and layer norm,
+embeddings, reductions and the usual losses. Any other operation that touches a tangent
+raises ``Unsupported`` before it runs, and the caller falls back to the general path.
 """
 
 from __future__ import annotations
@@ -536,8 +536,12 @@ def _shares_storage(mode, x: torch.Tensor) -> bool:
 
 
 def _gelu_derivative(x, out, approximate="none"):
+    if approximate == "tanh":  # 0.5 x (1 + tanh u), u = √(2/π) (x + 0.044715 x³)
+        c = math.sqrt(2 / math.pi)
+        t = torch.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
     if approximate != "none":
-        raise Unsupported("no stacked-tangent rule for the tanh approximation of gelu")
+        raise Unsupported(f"no stacked-tangent rule for gelu approximate={approximate!r}")
     cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
     return cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
@@ -784,6 +788,40 @@ def _batch_norm(
     return mode.track(out, tangent, fresh=tx is not None or tw is not None)
 
 
+def _layer_norm(mode, func, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    out = func(x, normalized_shape, weight, bias, eps)
+    tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    normalized = (x - mean) * inv_std
+    tangent = None
+    if tx is not None:  # the statistics move with x: project out their directions
+        tdims = [d + 1 for d in dims]
+        centred = tx - tx.mean(tdims, keepdim=True)
+        tangent = centred - normalized * (centred * normalized).mean(tdims, keepdim=True)
+        tangent = tangent * inv_std
+        if weight is not None:
+            tangent = tangent * weight
+    for t, factor in ((tw, normalized), (tb, None)):
+        if t is not None:
+            term = _lift(t, x.dim())
+            term = term * factor if factor is not None else term
+            tangent = term if tangent is None else tangent + term
+    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
+
+
+def _embedding(mode, func, indices, weight, padding_idx=None, max_norm=None, *args, **kwargs):
+    if max_norm is not None:  # it renormalises the rows it looks up, in place
+        raise Unsupported("no stacked-tangent rule for embedding with max_norm")
+    if mode._carries(indices):
+        raise Unsupported("no stacked-tangent rule for embedding indices computed from parameters")
+    out = func(indices, weight, padding_idx, max_norm, *args, **kwargs)
+    tw = mode.tangent(weight)  # the rows looked up, of every tangent
+    tangent = tw[:, indices] if tw is not None else None
+    return mode.track(out, tangent, fresh=tw is not None)
+
+
 def _log_softmax(mode, func, x, *args, **kwargs):
     out = func(x, *args, **kwargs)
     dim = _arg(args, kwargs, 0, "dim")
@@ -926,6 +964,8 @@ def _rules() -> dict:
         (functions("avg_pool2d", "adaptive_avg_pool2d", owners=(F,)), _pooled),
         ([F.dropout], _dropout),
         ([F.batch_norm], _batch_norm),
+        ([F.layer_norm], _layer_norm),
+        ([F.embedding], _embedding),
         (functions("log_softmax"), _log_softmax),
         (functions("softmax"), _softmax),
         ([F.nll_loss], _nll_loss),

@@ -181,6 +181,50 @@ def test_mixed_operations_batch_norm_and_dropout(train):
     assert_same_derivatives(model, lambda: F.nll_loss(model(x), y), 2, atol=1e-9)
 
 
+class TokenModel(nn.Module):
+    """Embedding, layer norms (affine or not, over one or two dims) and tanh-gelu: the
+    blocks of a transformer's feed-forward path."""
+
+    def __init__(self, padding_idx=None):
+        super().__init__()
+        self.embed = nn.Embedding(11, 8, padding_idx=padding_idx)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.plain = nn.LayerNorm([5, 8], elementwise_affine=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = self.norm(self.embed(tokens))
+        h = h + F.gelu(self.fc(h), approximate="tanh")
+        return self.head(self.plain(h).mean(1))
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("count", [1, 3])
+def test_embedding_layer_norm_and_tanh_gelu(padding_idx, count):
+    torch.manual_seed(3)
+    model = TokenModel(padding_idx).double()
+    tokens = torch.randint(0, 11, (4, 5))
+    tokens[0, :2] = 0
+    y = torch.tensor([0, 1, 2, 1])
+    assert_same_derivatives(model, lambda: F.cross_entropy(model(tokens), y), count, atol=1e-9)
+    estimator = fg.ForwardGradient(count, "rademacher", seed=0)
+    estimator.estimate(model, lambda: F.cross_entropy(model(tokens), y))
+    assert model not in estimator._general  # the fast path ran and agreed with forward AD
+
+
+def test_embedding_with_max_norm_is_left_to_the_general_path():
+    model = nn.Embedding(5, 3, max_norm=1.0)
+    params = list(model.parameters())
+    with pytest.raises(fp.Unsupported, match="max_norm"), torch.no_grad():
+        fp.stacked_derivatives(
+            lambda: model(torch.tensor([1, 2])).sum(),
+            params,
+            fp.HeldTangents(params, 1, "normal", 0),
+            1,
+        )
+
+
 def test_losses():
     torch.manual_seed(2)
     model = nn.Linear(5, 3).double()
