@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +75,20 @@ class TangentSource:
 
 
 class DrawnTangents(TangentSource):
-    """Keeps no tangent: each request draws it again (memory of one parameter's K tangents)."""
+    """Keeps no tangent: each request draws it again. A linear layer's weight or an embedding
+    table larger than ``tangents.CHUNK`` is drawn a block of rows at a time (``row_blocks``),
+    so that the step never holds more of a tangent than one block."""
 
     def __call__(self, index: int) -> torch.Tensor:
         return self.draw(index)
+
+    def row_blocks(self, index: int) -> Iterator[tuple[int, int, torch.Tensor]] | None:
+        """``(start, stop, tangents[:, start:stop])`` in row order, or ``None`` for a small
+        parameter, which is cheaper drawn whole."""
+        p = self.params[index]
+        if p.dim() < 2 or p.numel() <= tg.CHUNK:
+            return None
+        return tg.parameter_row_blocks(p, self.count, self.distribution, self.seed, index)
 
 
 class HeldTangents(TangentSource):
@@ -241,6 +251,7 @@ class StackedTangents(TorchFunctionMode):
         self._params = list(params)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tangent_of = tangent_of
+        self._row_blocks = getattr(tangent_of, "row_blocks", None)
         self._tangents = WeakIdKeyDictionary()
         # Tensors whose tangent a rule allocated for them alone (not a view of another
         # tensor's, nor a parameter's tangent, which may be its .grad).
@@ -261,6 +272,13 @@ class StackedTangents(TorchFunctionMode):
         if tangent is _REUSED:
             raise TangentReused("a tangent was read after relu had overwritten it")
         return tangent
+
+    def row_blocks(self, value: object) -> Iterator[tuple[int, int, torch.Tensor]] | None:
+        """A parameter's tangent a block of rows at a time, if the source draws it so."""
+        index = self._index.get(id(value)) if isinstance(value, torch.Tensor) else None
+        if index is None or self._row_blocks is None:
+            return None
+        return self._row_blocks(index)
 
     def track(
         self, out: torch.Tensor, tangent: torch.Tensor | None, fresh: bool = False
@@ -374,11 +392,24 @@ def _arg(args, kwargs, position: int, name: str, default=None):
 
 def _linear(mode, func, x, weight, bias=None):
     out = func(x, weight, bias)
-    tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
+    blocks = mode.row_blocks(weight)
+    tx, tb = mode.tangent(x), mode.tangent(bias)
+    tw = mode.tangent(weight) if blocks is None else None
     count = mode.count
     tangent = None  # kept of shape (K, *out.shape); the products work on views of it
     if tx is not None:
         tangent = F.linear(tx, weight)  # all K·B rows in one product
+    if blocks is not None:  # x V_kᵀ a block of output features at a time
+        rows = x.reshape(-1, x.shape[-1])
+        if tangent is None:
+            tangent = torch.zeros((count, *out.shape), dtype=out.dtype, device=out.device)
+        stacked = tangent.view(count, rows.shape[0], weight.shape[0])
+        for start, stop, v in blocks:  # into the columns in place: no block-sized temporary
+            columns = stacked[:, :, start:stop]
+            if count == 1:
+                columns[0].addmm_(rows, v[0].T)
+            else:
+                columns.baddbmm_(rows.expand(count, *rows.shape), v.transpose(1, 2))
     if tw is not None:
         rows = x.reshape(-1, x.shape[-1])
         beta = 1
@@ -390,10 +421,11 @@ def _linear(mode, func, x, weight, bias=None):
             stacked[0].addmm_(rows, tw[0].T, beta=beta)
         else:
             stacked.baddbmm_(rows.expand(count, *rows.shape), tw.transpose(1, 2), beta=beta)
+    fresh = tangent is not None  # allocated here, not a view of the bias's tangent
     if tb is not None:
         bias_tangent = _lift(tb, out.dim())
         tangent = bias_tangent if tangent is None else tangent.add_(bias_tangent)
-    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
+    return mode.track(out, tangent, fresh=fresh)
 
 
 def _shaped(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -817,9 +849,16 @@ def _embedding(mode, func, indices, weight, padding_idx=None, max_norm=None, *ar
     if mode._carries(indices):
         raise Unsupported("no stacked-tangent rule for embedding indices computed from parameters")
     out = func(indices, weight, padding_idx, max_norm, *args, **kwargs)
-    tw = mode.tangent(weight)  # the rows looked up, of every tangent
-    tangent = tw[:, indices] if tw is not None else None
-    return mode.track(out, tangent, fresh=tw is not None)
+    blocks = mode.row_blocks(weight)
+    if blocks is None:
+        tw = mode.tangent(weight)  # the rows looked up, of every tangent
+        tangent = tw[:, indices] if tw is not None else None
+        return mode.track(out, tangent, fresh=tw is not None)
+    tangent = torch.empty((mode.count, *out.shape), dtype=out.dtype, device=out.device)
+    for start, stop, v in blocks:  # the looked-up rows that fall in each block of the table
+        inside = (indices >= start) & (indices < stop)
+        tangent[:, inside] = v[:, indices[inside] - start]
+    return mode.track(out, tangent, fresh=True)
 
 
 def _log_softmax(mode, func, x, *args, **kwargs):

@@ -89,11 +89,18 @@ class ForwardSGD(torch.optim.Optimizer):
         loss, derivatives = self._derivatives(closure, params, seed)
         _check_finite(loss, derivatives)
         coefficients = tg.mean_coefficients(derivatives).tolist()
+        distribution, count = estimator.distribution, estimator.tangents
         with torch.no_grad():
             for index, (p, lr) in enumerate(zip(params, rates)):
+                if p.dim() >= 2 and p.numel() > tg.CHUNK:  # a block of rows at a time
+                    blocks = tg.parameter_row_blocks(p, count, distribution, seed, index)
+                    for start, stop, v in blocks:
+                        for k, c in enumerate(coefficients):
+                            p[start:stop].add_(v[k], alpha=-lr * c)
+                    continue
                 tangent = torch.empty_like(p, memory_format=torch.contiguous_format)
                 for k, c in enumerate(coefficients):
-                    tg.fill_tangent(tangent, estimator.distribution, seed, index, k)
+                    tg.fill_tangent(tangent, distribution, seed, index, k)
                     p.add_(tangent, alpha=-lr * c)
         return loss
 

@@ -15,7 +15,7 @@ tangents from a seed instead of holding them (ForwardSGD, distributed training).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -172,6 +172,59 @@ def fill_tangent(
         for chunk in chunks:
             _fill_normal(*chunk)
     return out
+
+
+def parameter_row_blocks(
+    like: torch.Tensor,
+    count: int,
+    distribution: str,
+    seed: int,
+    index: int,
+    block_values: int = CHUNK,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``parameter_tangents(like, count, distribution, seed, index)`` a block of rows at a time.
+
+    Yields ``(start, stop, block)`` in row order, ``block`` equal to
+    ``parameter_tangents(...)[:, start:stop]``, so that a caller never holds more than about
+    ``block_values`` values per tangent of a large matrix (a linear layer's weight, an embedding
+    table). Each stream is drawn once: values past a block's last row wait for the next block.
+
+    Args:
+      like: the parameter (at least one dimension) whose shape and dtype the tangents take.
+      count, distribution, seed, index: as for ``parameter_tangents``.
+      block_values: about how many values of each tangent a block holds (at least one row).
+    """
+    check_distribution(distribution, ("normal", "rademacher"))
+    rows = like.shape[0]
+    width = like[0].numel() if rows else 0
+    total = rows * width
+    per_block = max(1, block_values // max(width, 1))
+    carried = [like.new_empty(0) for _ in range(count)]  # drawn, not yet yielded
+    drawn = 0  # values drawn so far, per tangent
+    for start in range(0, rows, per_block):
+        stop = min(rows, start + per_block)
+        streams = []
+        while drawn < stop * width:
+            streams.append((drawn // CHUNK, min(CHUNK, total - drawn)))
+            drawn += streams[-1][1]
+        size = (stop - start) * width
+        block = None if count == 1 else like.new_empty((count, stop - start, *like.shape[1:]))
+        for k in range(count):
+            length = carried[k].numel() + sum(n for _, n in streams)
+            values = torch.empty(length, dtype=like.dtype, device=like.device)
+            values[: carried[k].numel()] = carried[k]
+            offset = carried[k].numel()
+            for stream, n in streams:
+                chunk = values[offset : offset + n]
+                fill = _fill_rademacher if distribution == "rademacher" else _fill_normal
+                fill(chunk, stream_seed(seed, index, k, stream))
+                offset += n
+            carried[k] = values[size:].clone()
+            if block is None:  # K = 1: a view, no copy
+                block = values[:size].view(1, stop - start, *like.shape[1:])
+            else:
+                block[k].view(-1).copy_(values[:size])
+        yield start, stop, block
 
 
 _POOL = None

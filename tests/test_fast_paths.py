@@ -57,6 +57,21 @@ def test_rademacher_signs_for_every_dtype_and_size(dtype, size):
         assert abs(v.double().mean().item()) < 5 / math.sqrt(size)
 
 
+@pytest.mark.parametrize("distribution", fp.DISTRIBUTIONS)
+@pytest.mark.parametrize(
+    ("shape", "block_values"),
+    [((3, 5), tg.CHUNK), ((1000, 700), 1000), ((700, 1000), 1000), ((2, tg.CHUNK + 7), 10)]
+    + [((4, 3, 300), 1000), ((1, 1), 1)],
+)
+def test_row_blocks_are_the_tangent_in_pieces(distribution, shape, block_values):
+    like = torch.zeros(shape)
+    blocks = list(tg.parameter_row_blocks(like, 2, distribution, 7, 3, block_values))
+    assert [b[0] for b in blocks] == [0] + [b[1] for b in blocks[:-1]]  # consecutive rows
+    assert blocks[-1][1] == shape[0]
+    whole = torch.cat([block for _, _, block in blocks], dim=1)
+    assert torch.equal(whole, tg.parameter_tangents(like, 2, distribution, 7, 3))
+
+
 def test_rademacher_bits_are_independent_across_positions():
     v = tg.parameter_tangents(torch.zeros(64 * 4096), 1, "rademacher", 9, 0)[0].view(-1, 64)
     # E[v_i v_j] = 0 for i != j; each empirical correlation has std 1/sqrt(4096)

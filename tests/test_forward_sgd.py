@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import forwardgrad as fg
+from forwardgrad import tangents as tg
 from forwardgrad.estimators import EstimatorError
 from forwardgrad.forward_sgd import ForwardSGD
 
@@ -48,6 +49,49 @@ def test_same_step_as_forward_gradient_and_sgd(tangents, distribution, fast):
             assert torch.allclose(p, q, rtol=0, atol=1e-6)
     assert all(p.grad is None for p in a.parameters())
     assert (a in optimizer._general) is not fast
+
+
+class Large(nn.Module):
+    """A token table and a linear weight above tangents.CHUNK values: their tangents are drawn
+    a block of rows at a time, in the evaluation and in the update."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(2100, 130)  # 273,000 values, rows straddle streams
+        self.fc = nn.Linear(130, 2030)  # 263,900 values
+        self.head = nn.Linear(2030, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.relu(self.fc(self.embed(tokens).mean(1))))
+
+
+@pytest.mark.parametrize("tangents", [1, 2])
+def test_large_parameters_are_drawn_a_block_of_rows_at_a_time(tangents, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 2100, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g)
+    torch.manual_seed(0)
+    a = Large()
+    b = Large()
+    b.load_state_dict(a.state_dict())
+    estimator = fg.ForwardGradient(tangents, "rademacher", seed=5)
+    sgd = torch.optim.SGD(b.parameters(), lr=0.01)
+    optimizer = ForwardSGD(a, lr=0.01, tangents=tangents, distribution="rademacher", seed=5)
+    whole = tg.parameter_tangents
+
+    def small_only(like, *args, **kwargs):
+        assert like.numel() <= tg.CHUNK, "a large parameter's tangent was drawn whole"
+        return whole(like, *args, **kwargs)
+
+    for _ in range(2):
+        loss_b = estimator.estimate(b, lambda: F.cross_entropy(b(tokens), y))
+        sgd.step()
+        with monkeypatch.context() as patch:
+            patch.setattr(tg, "parameter_tangents", small_only)
+            loss_a = optimizer.step(lambda: F.cross_entropy(a(tokens), y))
+        assert torch.allclose(loss_a, loss_b, rtol=1e-6)
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, rtol=0, atol=1e-6)
+    assert a not in optimizer._general
 
 
 def test_it_trains():
