@@ -707,6 +707,7 @@ def config_from_args(args) -> BenchConfig:
         if value is not None:
             setattr(config, name, value)
     config.skip = tuple(args.skip)
+    config.memory_cnn = config.memory_cnn and "cnn" in config.models  # the deep MLPs always
     known = {"models": ("logreg", "mlp", "cnn"), "distributions": ("normal", "rademacher")}
     known["skip"] = ("timing", "sampling", "memory")
     for name, allowed in known.items():

@@ -7,9 +7,10 @@ Baydin et al. 2022, Algorithm 1, for each step:
 Each parameter's tangents are a pure function of the step's seed and the parameter's position
 (``tangents.parameter_tangents``). They are drawn when the parameter's layer runs (through
 ``fast_paths``) and dropped after it; once the d_k are known each v_k is drawn again, one
-parameter at a time, and added to the parameter in place. So the step's memory is that of
-inference plus one parameter's tangents, as for MeZO's zeroth-order SGD (Malladi et al. 2023),
-but with exact directional derivatives.
+parameter at a time, and added to the parameter in place; a weight or embedding table above
+``tangents.CHUNK`` values is drawn a block of rows at a time, in both places. So the step's
+memory is that of inference plus one small parameter's tangents or one block, as for MeZO's
+zeroth-order SGD (Malladi et al. 2023), but with exact directional derivatives.
 """
 
 from __future__ import annotations
