@@ -143,6 +143,14 @@ class _Replay:
 
     def __init__(self, model: nn.Module):
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        # A forward may rebind a buffer (self.ema = 0.9 * self.ema + ...) rather than update it
+        # in place: rewinding puts the original tensor back in its slot too.
+        self.slots = [
+            (module, name, b)
+            for module in model.modules()
+            for name, b in module._buffers.items()
+            if b is not None
+        ]
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = (
             torch.cuda.get_rng_state_all()
@@ -151,6 +159,8 @@ class _Replay:
         )
 
     def rewind(self) -> None:
+        for module, name, b in self.slots:
+            module._buffers[name] = b
         with torch.no_grad():
             for buffer, saved in self.buffers:
                 buffer.copy_(saved)
@@ -669,7 +679,7 @@ class ForwardGradient(_Seeded):
                 )
             _check_finite(loss, derivatives)
             if self._verification_key() not in _FAST_PATH_VERIFIED.get(model, ()):
-                self._verify_fast_path(model, closure, params, derivatives, generator_state)
+                self._verify_fast_path(model, closure, params, derivatives, generator_state, replay)
         except Exception as error:
             for p, had in zip(params, had_grad):  # K = 1 drew tangents into .grad
                 if not had:
@@ -692,27 +702,52 @@ class ForwardGradient(_Seeded):
         params: list[nn.Parameter],
         derivatives: torch.Tensor,
         generator_state: torch.Tensor,
+        before_forward: _Replay,
     ) -> None:
-        """On a model's first fast step, recompute the derivatives by dual tensors.
+        """On a model's first fast step, check the derivatives (``verify_fast_derivatives``)."""
+        generator = self.generator(params[0].device)
+        after_generator = generator.get_state()
+        generator.set_state(generator_state)
+        directions = self.sample(params)  # the tangents the fast path drew
+        generator.set_state(after_generator)
+        self.verify_fast_derivatives(
+            model,
+            closure,
+            params,
+            directions,
+            derivatives,
+            before_forward,
+            self._verification_key(),
+        )
+
+    def verify_fast_derivatives(
+        self,
+        model: nn.Module,
+        closure: Callable[[], torch.Tensor],
+        params: list[nn.Parameter],
+        directions: Sequence[torch.Tensor],
+        derivatives: torch.Tensor,
+        before_forward: _Replay,
+        key: tuple,
+    ) -> None:
+        """Recompute fast-path derivatives by dual tensors, once per model and ``key``.
 
         The stacked-tangent rules cannot see every way a closure may compute (TorchScript
         runs below them, for one), so their result is trusted only once it has matched
         PyTorch's own forward-mode AD for the same tangents. On a mismatch the model moves
-        to the general path for good (``fp.Unsupported``). State is left as after one forward.
+        to the general path for good (``fp.Unsupported``). The general path starts from the
+        buffers and RNG states the fast one started from (``before_forward``: the same Dropout
+        masks, the same BatchNorm statistics); state is left as after one forward.
         """
-        generator = self.generator(params[0].device)
-        after_generator = generator.get_state()
         after_forward = _Replay(model)
-        generator.set_state(generator_state)
-        directions = self.sample(params)
+        before_forward.rewind()
         try:
             _, reference = self.directional_derivatives(model, closure, params, directions)
         except Exception:
             reference = None  # the general path cannot run this closure: trust the rules
         finally:
             after_forward.rewind()
-            generator.set_state(after_generator)
-        _FAST_PATH_VERIFIED.setdefault(model, set()).add(self._verification_key())
+        _FAST_PATH_VERIFIED.setdefault(model, set()).add(key)
         if reference is None:
             return
         tolerance = 1e-3 * float(reference.abs().max()) + 1e-6

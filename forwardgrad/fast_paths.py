@@ -853,7 +853,8 @@ def _embedding(mode, func, indices, weight, padding_idx=None, max_norm=None, *ar
     if blocks is None:
         tw = mode.tangent(weight)  # the rows looked up, of every tangent
         tangent = tw[:, indices] if tw is not None else None
-        return mode.track(out, tangent, fresh=tw is not None)
+        # A 0-dim index selects a view of the table's tangent (.grad, for K = 1), not a copy.
+        return mode.track(out, tangent, fresh=tw is not None and indices.dim() > 0)
     tangent = torch.empty((mode.count, *out.shape), dtype=out.dtype, device=out.device)
     for start, stop, v in blocks:  # the looked-up rows that fall in each block of the table
         inside = (indices >= start) & (indices < stop)

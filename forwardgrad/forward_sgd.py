@@ -25,6 +25,8 @@ from torch import nn
 from forwardgrad import fast_paths as fp
 from forwardgrad import tangents as tg
 from forwardgrad.estimators import (
+    _FAST_PATH_VERIFIED,
+    EstimatorError,
     ForwardGradient,
     _call_closure,
     _check_finite,
@@ -118,8 +120,21 @@ class ForwardSGD(torch.optim.Optimizer):
                     loss, derivatives = fp.stacked_derivatives(
                         lambda: _call_closure(closure), params, source, count, replay.rewind
                     )
+                _check_finite(loss, derivatives)
+                key = ("ForwardSGD", count == 1, distribution)  # drawn tangents, row blocks
+                if key not in _FAST_PATH_VERIFIED.get(model, ()):
+                    # Once per model, as estimate does; holds whole tangents this one time.
+                    directions = [
+                        tg.parameter_tangents(p, count, distribution, seed, i)
+                        for i, p in enumerate(params)
+                    ]
+                    estimator.verify_fast_derivatives(
+                        model, closure, params, directions, derivatives, replay, key
+                    )
                 return loss.detach(), derivatives
             except Exception as error:  # the general path runs it again and reports errors
+                if isinstance(error, EstimatorError):  # a non-finite loss or derivative
+                    raise
                 if isinstance(error, fp.Unsupported):
                     self._general.add(model)
                 replay.rewind()

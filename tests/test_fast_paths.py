@@ -397,6 +397,51 @@ def test_relu_input_used_again_through_estimate():
             assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-5 * q.grad.abs().max().item())
         for b, c in zip(model.buffers(), reference.buffers()):
             assert torch.allclose(b.float(), c.float(), atol=1e-6)
+    # the fast path ran (with dropout, checked against the general path on the same masks),
+    # and had to rerun the closure without the reuse
+    assert model not in fast._general
+    assert model.conv.weight in fp._KEEPS_RELU_INPUTS
+
+
+class RebindsBuffers(nn.Module):
+    """Buffers rebound by forward (self.ema = ...), not updated in place, and relu's input read
+    again: the rerun must start from the original buffer objects."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+        self.register_buffer("ema", torch.zeros(7))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        h = self.a(x)
+        self.ema = 0.5 * self.ema + 0.5 * h.detach().mean(0)
+        self.calls = self.calls + 1
+        return self.b(torch.relu(h) + h)
+
+
+@pytest.mark.parametrize("optimizer", ["estimate", "forward-sgd"])
+def test_rebound_buffers_are_updated_once_per_step(optimizer):
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    model, reference = RebindsBuffers(), RebindsBuffers()
+    reference.load_state_dict(model.state_dict())
+    if optimizer == "estimate":
+        fast = fg.ForwardGradient(1, seed=1)
+        slow = general_path(fg.ForwardGradient(1, seed=1), reference)
+        step_fast = lambda: fast.estimate(model, lambda: F.cross_entropy(model(x), y))  # noqa: E731
+        step_slow = lambda: slow.estimate(reference, lambda: F.cross_entropy(reference(x), y))  # noqa: E731
+    else:
+        fast = fg.ForwardSGD(model, 0.1, seed=1)
+        slow = fg.ForwardSGD(reference, 0.1, seed=1)
+        slow._general.add(reference)
+        step_fast = lambda: fast.step(lambda: F.cross_entropy(model(x), y))  # noqa: E731
+        step_slow = lambda: slow.step(lambda: F.cross_entropy(reference(x), y))  # noqa: E731
+    for step in range(1, 3):
+        step_fast()
+        step_slow()
+        assert int(model.calls) == int(reference.calls) == step
+        assert torch.allclose(model.ema, reference.ema, atol=1e-6)
 
 
 def test_unsupported_operation_raises_before_running():
