@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -256,7 +257,10 @@ class StackedTangents(TorchFunctionMode):
         # Tensors whose tangent a rule allocated for them alone (not a view of another
         # tensor's, nor a parameter's tangent, which may be its .grad).
         self._owns = WeakIdKeyDictionary()
-        self._parameter_storages: set[int] = set()  # never written: .grad or held tangents
+        # Storages of the parameter tangents handed out, never to be written (.grad, held
+        # tangents): pointer -> a weak reference to the tensor that owns it, so that a freed
+        # drawn tangent's address, reused by a later activation, does not count.
+        self._parameter_storages: dict[int, weakref.ref] = {}
         self.boundary = None  # the frame that runs the closure: where the stack search stops
 
     def tangent(self, value: object) -> torch.Tensor | None:
@@ -266,7 +270,8 @@ class StackedTangents(TorchFunctionMode):
         index = self._index.get(id(value))
         if index is not None:
             tangent = self._tangent_of(index)
-            self._parameter_storages.add(tangent.untyped_storage().data_ptr())
+            owner = tangent if tangent._base is None else tangent._base  # .grad, not its view
+            self._parameter_storages[tangent.untyped_storage().data_ptr()] = weakref.ref(owner)
             return tangent
         tangent = self._tangents.get(value)
         if tangent is _REUSED:
@@ -300,7 +305,8 @@ class StackedTangents(TorchFunctionMode):
         if not (self.reuse and x in self._owns) or id(x) in self._index:
             return False
         pointer = tangent.untyped_storage().data_ptr()
-        if pointer in self._parameter_storages:
+        owner = self._parameter_storages.get(pointer)
+        if owner is not None and owner() is not None:
             return False
         return not any(
             other is not x

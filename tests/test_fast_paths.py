@@ -1,6 +1,7 @@
 """Fast paths: seeded tangent streams, fast samplers, and the stacked-tangent evaluation against
 the general forward-mode path (same tangents, same estimate to float tolerance)."""
 
+import gc
 import math
 
 import pytest
@@ -352,6 +353,24 @@ def test_relu_never_writes_a_parameter_tangent():
     slow.estimate(model, closure)
     for g, p in zip(grads, model.parameters()):
         assert torch.allclose(g, p.grad, rtol=0, atol=1e-6 * p.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("source", ["grad", "drawn"])
+def test_parameter_tangent_storages_are_guarded_while_they_live(source):
+    # .grad (K = 1) lives on after the step's view of it dies, and stays guarded; a drawn
+    # tangent is freed after its layer, and its address, which a later activation's tangent
+    # may reuse, is no longer guarded then.
+    model = nn.Linear(4, 4)
+    params = list(model.parameters())
+    if source == "grad":
+        tangents = fp.GradTangents(params, "normal", 0)
+    else:
+        tangents = fp.DrawnTangents(params, 1, "normal", 0)
+    mode = fp.StackedTangents(params, tangents, 1, True)
+    pointer = mode.tangent(model.weight).untyped_storage().data_ptr()
+    gc.collect()
+    alive = mode._parameter_storages[pointer]() is not None
+    assert alive == (source == "grad")
 
 
 class ReusesReluInput(nn.Module):
