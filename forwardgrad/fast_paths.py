@@ -207,12 +207,11 @@ def stacked_derivatives(
       Unsupported: the closure used an operation on a tangent-carrying tensor that has no
         rule here; nothing has been applied to it.
     """
-    reuse = rewind is not None and params[0] not in _KEEPS_RELU_INPUTS if params else False
+    if rewind is None or not params or params[0] in _KEEPS_RELU_INPUTS:
+        return _stacked_derivatives(closure, params, tangent_of, count, reuse=False)
     try:
-        return _stacked_derivatives(closure, params, tangent_of, count, reuse)
+        return _stacked_derivatives(closure, params, tangent_of, count, reuse=True)
     except TangentReused:
-        if not reuse:
-            raise
         _KEEPS_RELU_INPUTS[params[0]] = True
         rewind()
     return _stacked_derivatives(closure, params, tangent_of, count, reuse=False)
@@ -398,35 +397,29 @@ def _arg(args, kwargs, position: int, name: str, default=None):
 
 def _linear(mode, func, x, weight, bias=None):
     out = func(x, weight, bias)
-    blocks = mode.row_blocks(weight)
     tx, tb = mode.tangent(x), mode.tangent(bias)
-    tw = mode.tangent(weight) if blocks is None else None
+    # The weight's K tangents, whole or (ForwardSGD, a large weight) a block of rows at a time.
+    blocks = mode.row_blocks(weight)
+    if blocks is None:
+        tw = mode.tangent(weight)
+        blocks = None if tw is None else [(0, weight.shape[0], tw)]
     count = mode.count
     tangent = None  # kept of shape (K, *out.shape); the products work on views of it
     if tx is not None:
         tangent = F.linear(tx, weight)  # all K·B rows in one product
-    if blocks is not None:  # x V_kᵀ a block of output features at a time
-        rows = x.reshape(-1, x.shape[-1])
-        if tangent is None:
-            tangent = torch.zeros((count, *out.shape), dtype=out.dtype, device=out.device)
-        stacked = tangent.view(count, rows.shape[0], weight.shape[0])
-        for start, stop, v in blocks:  # into the columns in place: no block-sized temporary
-            columns = stacked[:, :, start:stop]
-            if count == 1:
-                columns[0].addmm_(rows, v[0].T)
-            else:
-                columns.baddbmm_(rows.expand(count, *rows.shape), v.transpose(1, 2))
-    if tw is not None:
+    if blocks is not None:  # x V_kᵀ into each block's output columns, in place
         rows = x.reshape(-1, x.shape[-1])
         beta = 1
         if tangent is None:
             tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
-            beta = 0  # addmm ignores the uninitialised input
+            beta = 0  # the blocks write every column once; addmm ignores the empty input
         stacked = tangent.view(count, rows.shape[0], weight.shape[0])
-        if count == 1:
-            stacked[0].addmm_(rows, tw[0].T, beta=beta)
-        else:
-            stacked.baddbmm_(rows.expand(count, *rows.shape), tw.transpose(1, 2), beta=beta)
+        for start, stop, v in blocks:
+            columns = stacked[:, :, start:stop]
+            if count == 1:
+                columns[0].addmm_(rows, v[0].T, beta=beta)
+            else:
+                columns.baddbmm_(rows.expand(count, *rows.shape), v.transpose(1, 2), beta=beta)
     fresh = tangent is not None  # allocated here, not a view of the bias's tangent
     if tb is not None:
         bias_tangent = _lift(tb, out.dim())
@@ -811,19 +804,34 @@ def _batch_norm(
         inv_std = torch.rsqrt(running_var.view(channel_shape) + eps)
     normalized = (x - mean) * inv_std
     scale = inv_std if weight is None else inv_std * weight.view(channel_shape)
+    tangent = _normalization_tangent(
+        tx,
+        None if tw is None else tw.view(count, *channel_shape),
+        None if tb is None else tb.view(count, *channel_shape),
+        normalized,
+        scale,
+        dims if training else None,  # in training the batch statistics move with x too
+    )
+    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
+
+
+def _normalization_tangent(tx, tw, tb, normalized, scale, moving_dims):
+    """The tangent of y = x̂ γ + β, x̂ = (x − μ) / σ: ẋ · scale (scale = γ / σ) plus ẇ x̂ + ḃ.
+
+    ``tw`` and ``tb`` are the affine tangents shaped to broadcast (None: constant). With
+    ``moving_dims``, μ and σ are x's statistics over those dims and move with it, so ẋ first
+    loses its mean and its component along x̂ there."""
     tangent = None
     if tx is not None:
-        if training:  # the batch statistics move with x too
-            tdims = [d + 1 for d in dims]
+        if moving_dims is not None:
+            tdims = [d + 1 for d in moving_dims]
             centred = tx - tx.mean(tdims, keepdim=True)
             tx = centred - normalized * (centred * normalized).mean(tdims, keepdim=True)
         tangent = tx * scale
-    for t, factor in ((tw, normalized), (tb, None)):
-        if t is not None:
-            term = t.view(count, *channel_shape)
-            term = term * factor if factor is not None else term
+    for term in (None if tw is None else tw * normalized, tb):
+        if term is not None:
             tangent = term if tangent is None else tangent + term
-    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
+    return tangent
 
 
 def _layer_norm(mode, func, x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -833,19 +841,14 @@ def _layer_norm(mode, func, x, normalized_shape, weight=None, bias=None, eps=1e-
     mean = x.mean(dims, keepdim=True)
     inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
     normalized = (x - mean) * inv_std
-    tangent = None
-    if tx is not None:  # the statistics move with x: project out their directions
-        tdims = [d + 1 for d in dims]
-        centred = tx - tx.mean(tdims, keepdim=True)
-        tangent = centred - normalized * (centred * normalized).mean(tdims, keepdim=True)
-        tangent = tangent * inv_std
-        if weight is not None:
-            tangent = tangent * weight
-    for t, factor in ((tw, normalized), (tb, None)):
-        if t is not None:
-            term = _lift(t, x.dim())
-            term = term * factor if factor is not None else term
-            tangent = term if tangent is None else tangent + term
+    tangent = _normalization_tangent(
+        tx,
+        None if tw is None else _lift(tw, x.dim()),
+        None if tb is None else _lift(tb, x.dim()),
+        normalized,
+        inv_std if weight is None else inv_std * weight,
+        dims,  # the statistics always move with x
+    )
     return mode.track(out, tangent, fresh=tx is not None or tw is not None)
 
 
