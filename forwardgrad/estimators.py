@@ -671,54 +671,60 @@ class ForwardGradient(_Seeded):
         else:
             source = fp.HeldTangents(params, self.tangents, self.distribution, seed, self._buffers)
         had_grad = [p.grad is not None for p in params]
+        result = None
+        try:
+            result = self.fast_derivatives(
+                model, closure, source, self._verification_key(), self._general
+            )
+        finally:
+            if result is None:  # K = 1 drew tangents into .grad
+                for p, had in zip(params, had_grad):
+                    if not had:
+                        p.grad = None
+                    elif self.tangents == 1:
+                        p.grad.zero_()
+        if result is None:
+            generator.set_state(generator_state)
+            return None
+        return self._write_fast_estimate(params, source, *result)
+
+    def fast_derivatives(
+        self,
+        model: nn.Module,
+        closure: Callable[[], torch.Tensor],
+        source: fp.TangentSource,
+        key: tuple,
+        general: weakref.WeakSet,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The loss and the K derivatives by ``fast_paths``, for ``source``'s tangents.
+
+        On a model's first use for ``key`` they are checked against the general path
+        (``verify_fast_derivatives``). Returns ``None``, with buffers and RNG states as they
+        were, when the fast path cannot run the closure: on ``fp.Unsupported`` the model joins
+        ``general`` for good; any other failure the general path runs again and reports. A
+        non-finite loss or derivative raises ``EstimatorError``.
+        """
+        params = source.params
         replay = _Replay(model)
         try:
             with torch.no_grad():  # no graph; the dual-tensor settings are not needed here
                 loss, derivatives = fp.stacked_derivatives(
-                    lambda: _call_closure(closure), params, source, self.tangents, replay.rewind
+                    lambda: _call_closure(closure), params, source, source.count, replay.rewind
                 )
             _check_finite(loss, derivatives)
-            if self._verification_key() not in _FAST_PATH_VERIFIED.get(model, ()):
-                self._verify_fast_path(model, closure, params, derivatives, generator_state, replay)
+            if key not in _FAST_PATH_VERIFIED.get(model, ()):
+                directions = [source.draw(i) for i in range(len(params))]  # whole, this once
+                self.verify_fast_derivatives(
+                    model, closure, params, directions, derivatives, replay, key
+                )
+        except EstimatorError:
+            raise
         except Exception as error:
-            for p, had in zip(params, had_grad):  # K = 1 drew tangents into .grad
-                if not had:
-                    p.grad = None
-                elif self.tangents == 1:
-                    p.grad.zero_()
-            if isinstance(error, EstimatorError):
-                raise
             if isinstance(error, fp.Unsupported):
-                self._general.add(model)
+                general.add(model)
             replay.rewind()
-            generator.set_state(generator_state)
             return None
-        return self._write_fast_estimate(params, source, loss, derivatives)
-
-    def _verify_fast_path(
-        self,
-        model: nn.Module,
-        closure: Callable[[], torch.Tensor],
-        params: list[nn.Parameter],
-        derivatives: torch.Tensor,
-        generator_state: torch.Tensor,
-        before_forward: _Replay,
-    ) -> None:
-        """On a model's first fast step, check the derivatives (``verify_fast_derivatives``)."""
-        generator = self.generator(params[0].device)
-        after_generator = generator.get_state()
-        generator.set_state(generator_state)
-        directions = self.sample(params)  # the tangents the fast path drew
-        generator.set_state(after_generator)
-        self.verify_fast_derivatives(
-            model,
-            closure,
-            params,
-            directions,
-            derivatives,
-            before_forward,
-            self._verification_key(),
-        )
+        return loss, derivatives
 
     def verify_fast_derivatives(
         self,

@@ -25,12 +25,8 @@ from torch import nn
 from forwardgrad import fast_paths as fp
 from forwardgrad import tangents as tg
 from forwardgrad.estimators import (
-    _FAST_PATH_VERIFIED,
-    EstimatorError,
     ForwardGradient,
-    _call_closure,
     _check_finite,
-    _Replay,
     _trainable,
 )
 
@@ -89,58 +85,36 @@ class ForwardSGD(torch.optim.Optimizer):
         rates = [group["lr"] for group in self.param_groups for _ in group["params"]]
         estimator = self.estimator
         seed = tg.draw_seed(estimator.generator(params[0].device))
-        loss, derivatives = self._derivatives(closure, params, seed)
+        source = fp.DrawnTangents(params, estimator.tangents, estimator.distribution, seed)
+        loss, derivatives = self._derivatives(closure, source)
         _check_finite(loss, derivatives)
         coefficients = tg.mean_coefficients(derivatives).tolist()
-        distribution, count = estimator.distribution, estimator.tangents
         with torch.no_grad():
             for index, (p, lr) in enumerate(zip(params, rates)):
-                if p.dim() >= 2 and p.numel() > tg.CHUNK:  # a block of rows at a time
-                    blocks = tg.parameter_row_blocks(p, count, distribution, seed, index)
+                blocks = source.row_blocks(index)  # a large weight: a block of rows at a time
+                if blocks is not None:
                     for start, stop, v in blocks:
                         for k, c in enumerate(coefficients):
                             p[start:stop].add_(v[k], alpha=-lr * c)
                     continue
                 tangent = torch.empty_like(p, memory_format=torch.contiguous_format)
                 for k, c in enumerate(coefficients):
-                    tg.fill_tangent(tangent, distribution, seed, index, k)
+                    tg.fill_tangent(tangent, source.distribution, seed, index, k)
                     p.add_(tangent, alpha=-lr * c)
         return loss
 
     def _derivatives(
-        self, closure: Callable[[], torch.Tensor], params: list[torch.Tensor], seed: int
+        self, closure: Callable[[], torch.Tensor], source: fp.DrawnTangents
     ) -> tuple[torch.Tensor, torch.Tensor]:
         estimator, model = self.estimator, self.model
-        count, distribution = estimator.tangents, estimator.distribution
+        params, count, distribution = source.params, source.count, source.distribution
         if model not in self._general:
-            replay = _Replay(model)
-            source = fp.DrawnTangents(params, count, distribution, seed)
-            try:
-                with torch.no_grad():
-                    loss, derivatives = fp.stacked_derivatives(
-                        lambda: _call_closure(closure), params, source, count, replay.rewind
-                    )
-                _check_finite(loss, derivatives)
-                key = ("ForwardSGD", count == 1, distribution)  # drawn tangents, row blocks
-                if key not in _FAST_PATH_VERIFIED.get(model, ()):
-                    # Once per model, as estimate does; holds whole tangents this one time.
-                    directions = [
-                        tg.parameter_tangents(p, count, distribution, seed, i)
-                        for i, p in enumerate(params)
-                    ]
-                    estimator.verify_fast_derivatives(
-                        model, closure, params, directions, derivatives, replay, key
-                    )
+            key = ("ForwardSGD", count == 1, distribution)  # drawn tangents, row blocks
+            fast = estimator.fast_derivatives(model, closure, source, key, self._general)
+            if fast is not None:
+                loss, derivatives = fast
                 return loss.detach(), derivatives
-            except Exception as error:  # the general path runs it again and reports errors
-                if isinstance(error, EstimatorError):  # a non-finite loss or derivative
-                    raise
-                if isinstance(error, fp.Unsupported):
-                    self._general.add(model)
-                replay.rewind()
-        directions = [
-            tg.parameter_tangents(p, count, distribution, seed, i) for i, p in enumerate(params)
-        ]
+        directions = [source.draw(i) for i in range(len(params))]
         return estimator.directional_derivatives(model, closure, params, directions)
 
     def state_dict(self) -> dict:

@@ -199,6 +199,7 @@ def parameter_row_blocks(
     width = like[0].numel() if rows else 0
     total = rows * width
     per_block = max(1, block_values // max(width, 1))
+    fill = _fill_rademacher if distribution == "rademacher" else _fill_normal
     carried = [like.new_empty(0) for _ in range(count)]  # drawn, not yet yielded
     drawn = 0  # values drawn so far, per tangent
     for start in range(0, rows, per_block):
@@ -216,7 +217,6 @@ def parameter_row_blocks(
             offset = carried[k].numel()
             for stream, n in streams:
                 chunk = values[offset : offset + n]
-                fill = _fill_rademacher if distribution == "rademacher" else _fill_normal
                 fill(chunk, stream_seed(seed, index, k, stream))
                 offset += n
             carried[k] = values[size:].clone()
