@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from forwardgrad.distributed import DataParallel, Launch, process_group, weighted
 from forwardgrad.estimators import make_estimator
-from forwardgrad.problems import make_model
+from forwardgrad.experiments.problems import make_model
 
 ESTIMATORS = {"forward (K=1)": "forward", "backprop (DDP)": "backprop"}
 

@@ -5,17 +5,6 @@ and exact backprop behind the same interface: ``loss = est.estimate(model, closu
 ``.grad`` and any ``torch.optim`` optimizer applies the step.
 """
 
-from forwardgrad.constraints import (
-    Constraint,
-    KSparsePolytope,
-    L1Ball,
-    L2Ball,
-    LinfBall,
-    NuclearBall,
-    Simplex,
-    parse_constraint,
-)
-from forwardgrad.data import DataError, load_dataset
 from forwardgrad.estimators import (
     ESTIMATORS,
     Backprop,
@@ -28,11 +17,22 @@ from forwardgrad.estimators import (
     make_estimator,
     zeroth_order_grad,
 )
-from forwardgrad.forward_sgd import ForwardSGD
-from forwardgrad.frank_wolfe import FrankWolfe
-from forwardgrad.problems import make_model, make_test_function
+from forwardgrad.experiments.datasets import DataError, load_dataset
+from forwardgrad.experiments.problems import make_model, make_test_function
+from forwardgrad.experiments.training import TrainConfig, TrainingDiverged, train
+from forwardgrad.optim.constraints import (
+    Constraint,
+    KSparsePolytope,
+    L1Ball,
+    L2Ball,
+    LinfBall,
+    NuclearBall,
+    Simplex,
+    parse_constraint,
+)
+from forwardgrad.optim.forward_sgd import ForwardSGD
+from forwardgrad.optim.frank_wolfe import FrankWolfe
 from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS, combine, sample_tangents
-from forwardgrad.training import TrainConfig, TrainingDiverged, train
 
 __version__ = "0.1.0"
 

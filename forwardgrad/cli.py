@@ -26,14 +26,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from forwardgrad import reporting
-from forwardgrad.checkpoint import CheckpointError
-from forwardgrad.constraints import CONSTRAINT_SYNTAX
-from forwardgrad.data import DATASETS, DataError, load_dataset
 from forwardgrad.distributed import DistributedError, World, detect_launch, process_group
 from forwardgrad.estimators import ESTIMATORS
-from forwardgrad.frank_wolfe import OPEN_LOOP
-from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS
-from forwardgrad.training import (
+from forwardgrad.experiments.checkpoints import CheckpointError
+from forwardgrad.experiments.datasets import DATASETS, DataError, load_dataset
+from forwardgrad.experiments.training import (
     DEFAULT_LR_CANDIDATES,
     FRANK_WOLFE,
     OPTIMIZERS,
@@ -48,6 +45,9 @@ from forwardgrad.training import (
     sweep_learning_rate,
     train,
 )
+from forwardgrad.optim.constraints import CONSTRAINT_SYNTAX
+from forwardgrad.optim.frank_wolfe import OPEN_LOOP
+from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS
 
 PROG = "forwardgrad"
 EXIT_DIVERGED = 1

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from forwardgrad import data
-from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
+from forwardgrad.experiments import datasets as data
+from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from forwardgrad.checkpoint import (
+from forwardgrad.experiments.checkpoints import (
     CheckpointError,
     capture_rng_state,
     list_checkpoints,

@@ -21,9 +21,9 @@ import torch
 from helpers import final_params, install_tiny_dataset, read_metrics
 
 from forwardgrad import cli
-from forwardgrad.checkpoint import list_checkpoints
 from forwardgrad.cli import ProgressDisplay, main
-from forwardgrad.training import Progress
+from forwardgrad.experiments.checkpoints import list_checkpoints
+from forwardgrad.experiments.training import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SIZE, TEST_SIZE = 96, 40

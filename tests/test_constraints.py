@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from forwardgrad.constraints import (
+from forwardgrad.optim.constraints import (
     Constraint,
     KSparsePolytope,
     L1Ball,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from forwardgrad import data
-from forwardgrad.data import (
+from forwardgrad.experiments import datasets as data
+from forwardgrad.experiments.datasets import (
     DATASETS,
     FILES,
     DataError,

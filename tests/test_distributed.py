@@ -25,8 +25,6 @@ import torch.nn.functional as F
 from helpers import write_tiny_dataset
 from torch import nn
 
-from forwardgrad import data
-from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
 from forwardgrad.cli import main
 from forwardgrad.distributed import (
     DataParallel,
@@ -45,7 +43,9 @@ from forwardgrad.distributed import (
     weighted,
 )
 from forwardgrad.estimators import Backprop, ForwardGradient, ZerothOrder
-from forwardgrad.problems import make_model
+from forwardgrad.experiments import datasets as data
+from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
+from forwardgrad.experiments.problems import make_model
 
 WORLD_SIZE = 2
 EXAMPLES, BATCH, STEPS = 15, 7, 5  # batches of 7, 7, 1: the last leaves rank 1 an empty shard
@@ -385,7 +385,7 @@ TRAIN_SIZE, TEST_SIZE = 96, 40
 # itself (SIGKILL) in training step KILL_RANK1_AT_STEP, if that is set.
 LAUNCHER = f"""
 import os, runpy, signal, sys
-from forwardgrad import data, training
+from forwardgrad.experiments import datasets as data, training
 
 data.DATASETS["tiny"] = data.DatasetSpec(
     name="tiny", mirrors=(), sha256=None, gz_md5=None, train_size={TRAIN_SIZE},

@@ -11,9 +11,9 @@ from torch import nn
 
 import forwardgrad as fg
 from forwardgrad import estimators as est
-from forwardgrad import fast_paths as fp
 from forwardgrad import tangents as tg
-from forwardgrad.problems import make_model
+from forwardgrad.experiments.problems import make_model
+from forwardgrad.jvp import stacked as fp
 
 # --- Tangent streams and samplers ------------------------------------------------------------
 

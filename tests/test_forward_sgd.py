@@ -10,7 +10,7 @@ from torch import nn
 import forwardgrad as fg
 from forwardgrad import tangents as tg
 from forwardgrad.estimators import EstimatorError
-from forwardgrad.forward_sgd import ForwardSGD
+from forwardgrad.optim.forward_sgd import ForwardSGD
 
 
 def net(seed=0):

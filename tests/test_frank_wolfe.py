@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forwardgrad import Backprop, ForwardGradient, ZerothOrder
-from forwardgrad.constraints import (
+from forwardgrad.optim.constraints import (
     KSparsePolytope,
     L1Ball,
     L2Ball,
@@ -29,7 +29,7 @@ from forwardgrad.constraints import (
     Simplex,
     _project_simplex,
 )
-from forwardgrad.frank_wolfe import FrankWolfe, averaging_rate, open_loop_step_size
+from forwardgrad.optim.frank_wolfe import FrankWolfe, averaging_rate, open_loop_step_size
 
 STEPS = 1000
 

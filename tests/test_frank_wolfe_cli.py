@@ -14,16 +14,16 @@ from helpers import final_params, install_tiny_dataset, read_metrics
 from torch import nn
 
 from forwardgrad import cli
-from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
 from forwardgrad.cli import main
-from forwardgrad.frank_wolfe import FrankWolfe
-from forwardgrad.problems import make_model
-from forwardgrad.training import (
+from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
+from forwardgrad.experiments.problems import make_model
+from forwardgrad.experiments.training import (
     TrainConfig,
     constraint_for,
     exact_frank_wolfe_gap,
     train,
 )
+from forwardgrad.optim.frank_wolfe import FrankWolfe
 
 TRAIN_SIZE, TEST_SIZE = 64, 32
 TINY = ["--dataset", "tiny", "--batch-size", "16", "--threads", "1", "--quiet"]

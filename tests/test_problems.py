@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import functional_call, jvp
 
-from forwardgrad.problems import (
+from forwardgrad.experiments.problems import (
     MODELS,
     PROBLEMS,
     TEST_FUNCTIONS,

@@ -342,7 +342,9 @@ def test_beale_trajectory_is_drawn_over_a_contour(tmp_path):
     losses = np.geomspace(10, 0.1, 30)
     run = read_run(make_run(tmp_path / "run", problem="beale", losses=losses, trajectory=path))
     function = reporting._test_function(run)
-    assert function is not None, "forwardgrad.problems.make_test_function('beale', 2) failed"
+    assert function is not None, (
+        "forwardgrad.experiments.problems.make_test_function('beale', 2) failed"
+    )
     # The grid holds the function itself: Beale is 0 at its minimum (3, 0.5), 14.203125 at 0.
     values = reporting._evaluate_on_grid(function.fn, np.array([0.0, 3.0]), np.array([0.0, 0.5]))
     assert values[0, 0] == pytest.approx(14.203125)

@@ -1,7 +1,7 @@
 """The training loop: run directory format, exact resume, interrupts, divergence, lr sweep.
 
 Data sets are tiny IDX files written here and registered under the name "tiny" for the test's
-duration (the real data sets' sizes and hashes are checked by forwardgrad.data).
+duration (the real data sets' sizes and hashes are checked by forwardgrad.experiments.datasets).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 import torch
 from helpers import final_params, install_tiny_dataset, read_metrics
 
-from forwardgrad.checkpoint import list_checkpoints, read_checkpoint
-from forwardgrad.training import (
+from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
+from forwardgrad.experiments.training import (
     CheckpointWarning,
     Progress,
     TrainConfig,

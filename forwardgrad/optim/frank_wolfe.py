@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from forwardgrad.constraints import Constraint, parse_constraint
+from forwardgrad.optim.constraints import Constraint, parse_constraint
 
 __all__ = ["FrankWolfe", "open_loop_step_size", "averaging_rate"]
 
@@ -86,7 +86,7 @@ class FrankWolfe(torch.optim.Optimizer):
 
     Args:
         params: parameters or parameter groups (dicts may override constraint, lr, averaging, rho).
-        constraint: a Constraint or its string form such as "l1:5" (see forwardgrad.constraints).
+        constraint: a Constraint or its string form such as "l1:5" (see optim.constraints).
         lr: step size gamma_t: "2/(t+2)" (default) or a constant in (0, 1].
         averaging: average the estimates, d_t = (1 - rho_t) d_{t-1} + rho_t g_t; False uses g_t.
         rho: averaging rate: "4/(t+8)^(2/3)" (default) or a constant in (0, 1].

@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from forwardgrad import checkpoint as ckpt
-from forwardgrad.constraints import Constraint, L2Ball, NuclearBall, parse_constraint
-from forwardgrad.data import (
+from forwardgrad.distributed import DEFAULT_CHECK_EVERY, DataParallel, World, weighted
+from forwardgrad.estimators import ESTIMATORS, Estimator, EstimatorError, make_estimator
+from forwardgrad.experiments import checkpoints as ckpt
+from forwardgrad.experiments.datasets import (
     DATASETS,
     ShuffledBatches,
     load_dataset,
@@ -60,10 +61,7 @@ from forwardgrad.data import (
     pixel_stats,
     split_validation,
 )
-from forwardgrad.distributed import DEFAULT_CHECK_EVERY, DataParallel, World, weighted
-from forwardgrad.estimators import ESTIMATORS, Estimator, EstimatorError, make_estimator
-from forwardgrad.frank_wolfe import OPEN_LOOP, FrankWolfe, open_loop_step_size
-from forwardgrad.problems import (
+from forwardgrad.experiments.problems import (
     MODELS,
     TEST_FUNCTIONS,
     TestFunction,
@@ -71,6 +69,8 @@ from forwardgrad.problems import (
     make_model,
     make_test_function,
 )
+from forwardgrad.optim.constraints import Constraint, L2Ball, NuclearBall, parse_constraint
+from forwardgrad.optim.frank_wolfe import OPEN_LOOP, FrankWolfe, open_loop_step_size
 
 PROBLEMS = (*TEST_FUNCTIONS, *MODELS)
 METRIC_COLUMNS = ("step", "time_s", "train_loss", "lr", "test_loss", "test_accuracy")
@@ -137,7 +137,7 @@ class TrainConfig:
             is the step size γ_t of x ← x + γ_t (s_t − x): ``"2/(t+2)"`` (the classic schedule)
             or a constant in (0, 1], and lr_decay must be 0 (the schedule is Frank-Wolfe's own).
         constraint: ``frank-wolfe`` only: the set every parameter stays in, as a string such as
-            ``"l1:10"`` (see ``forwardgrad.constraints``); each parameter gets its own copy of
+            ``"l1:10"`` (see ``forwardgrad.optim.constraints``); each parameter gets its own copy of
             the set. Under ``"nuclear:R"`` a 1-D parameter (a bias) gets the L2 ball of radius
             R, which is the nuclear ball of that vector seen as a 1×n matrix; parameters with
             more than two dimensions (conv kernels) are refused.

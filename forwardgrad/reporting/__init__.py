@@ -495,9 +495,9 @@ def _plot_accuracy(ax, section: _Section, colors: dict) -> None:
 
 
 def _test_function(run: Run):
-    """The problem's test function from forwardgrad.problems, or None where it cannot be built."""
+    """The problem's test function (experiments.problems), or None where it cannot be built."""
     try:
-        from forwardgrad.problems import make_test_function
+        from forwardgrad.experiments.problems import make_test_function
 
         return make_test_function(run.problem, run.dim)
     except (ImportError, ValueError):

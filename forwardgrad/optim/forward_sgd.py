@@ -22,13 +22,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from forwardgrad import fast_paths as fp
 from forwardgrad import tangents as tg
 from forwardgrad.estimators import (
     ForwardGradient,
     _check_finite,
     _trainable,
 )
+from forwardgrad.jvp import stacked as fp
 
 
 class ForwardSGD(torch.optim.Optimizer):

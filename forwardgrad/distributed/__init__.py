@@ -82,7 +82,7 @@ class NonFiniteLoss(FloatingPointError):
     """The loss or a derivative, summed over the ranks, is NaN or infinite; no rank stepped.
 
     ``args[0]`` is the offending value (a float), as for the ``FloatingPointError`` that
-    ``forwardgrad.training.train_step`` raises on one process.
+    ``forwardgrad.experiments.training.train_step`` raises on one process.
     """
 
     def __init__(self, value: float, what: str):

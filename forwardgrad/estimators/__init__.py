@@ -28,8 +28,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from forwardgrad import fast_paths as fp
 from forwardgrad import tangents as tg
+from forwardgrad.jvp import stacked as fp
 
 try:  # The math kernel is the one attention kernel with forward-mode formulas on every device.
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -543,7 +543,7 @@ class ForwardGradient(_Seeded):
     estimate and Dropout draws one mask shared by the value and every tangent.
 
     With normal or Rademacher tangents, a closure built from the operations that
-    ``forwardgrad.fast_paths`` covers runs once with the K tangents stacked as a batch
+    ``forwardgrad.jvp.stacked`` covers runs once with the K tangents stacked as a batch
     dimension, each parameter's tangent drawn as its layer runs (K = 1: into ``.grad``); any
     other closure takes the general dual-tensor path, from then on for that model. Both give
     the same estimate for the same seed, to float rounding.

@@ -41,7 +41,7 @@ from torch import nn
 
 from forwardgrad import tangents as tg
 from forwardgrad.estimators import Backprop, ForwardGradient, ZerothOrder
-from forwardgrad.forward_sgd import ForwardSGD
+from forwardgrad.optim.forward_sgd import ForwardSGD
 
 # ---------------------------------------------------------------------------------------------
 # Problems and contenders
@@ -59,7 +59,7 @@ def deep_mlp(depth: int, width: int = 1024, num_classes: int = 10) -> nn.Sequent
 def make_problem(
     model: str, batch: int, depth: int | None = None, width: int = 1024, seed: int = 0
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A model of ``forwardgrad.problems`` (``logreg``, ``mlp``, ``cnn``) or ``deep-mlp`` of
+    """A model of ``forwardgrad.experiments.problems`` (logreg, mlp, cnn) or ``deep-mlp`` of
     ``depth`` hidden layers, with one random MNIST-shaped batch: (model, images, labels)."""
     torch.manual_seed(seed)
     if model == "deep-mlp":
@@ -67,7 +67,7 @@ def make_problem(
             raise ValueError("deep-mlp needs a depth (number of hidden layers), e.g. depth=4.")
         network = deep_mlp(depth, width)
     else:
-        from forwardgrad.problems import make_model
+        from forwardgrad.experiments.problems import make_model
 
         network = make_model(model)
     generator = torch.Generator().manual_seed(seed + 1)

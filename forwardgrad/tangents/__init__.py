@@ -86,7 +86,7 @@ def sample_tangents(
 # ---------------------------------------------------------------------------------------------
 # Seeded streams: the tangent of parameter i for one step is a pure function of (seed, i, k), so a
 # caller can draw it just before the layer runs and draw it again for the update instead of
-# holding it (ForwardSGD, the memory-lean paths of ``forwardgrad.fast_paths``).
+# holding it (ForwardSGD, the memory-lean paths of ``forwardgrad.jvp.stacked``).
 
 # Values per stream. Fixed, so the numbers do not depend on how many threads draw them.
 CHUNK = 1 << 18
