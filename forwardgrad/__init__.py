@@ -5,11 +5,17 @@ and exact backprop behind the same interface: ``loss = est.estimate(model, closu
 ``.grad`` and any ``torch.optim`` optimizer applies the step.
 """
 
+from forwardgrad.errors import (
+    ConfigurationError,
+    EstimatorError,
+    ForwardGradError,
+    NonFiniteLoss,
+    UnsupportedOperation,
+)
 from forwardgrad.estimators import (
     ESTIMATORS,
     Backprop,
     Estimator,
-    EstimatorError,
     ForwardGradient,
     ZerothOrder,
     backprop_grad,
@@ -20,6 +26,7 @@ from forwardgrad.estimators import (
 from forwardgrad.experiments.datasets import DataError, load_dataset
 from forwardgrad.experiments.problems import make_model, make_test_function
 from forwardgrad.experiments.training import TrainConfig, TrainingDiverged, train
+from forwardgrad.jvp import Directional, FallbackWarning, directional_derivatives
 from forwardgrad.optim.constraints import (
     Constraint,
     KSparsePolytope,
@@ -41,6 +48,13 @@ __all__ = [
     "DISTRIBUTIONS",
     "ESTIMATORS",
     "Backprop",
+    "ConfigurationError",
+    "Directional",
+    "FallbackWarning",
+    "ForwardGradError",
+    "NonFiniteLoss",
+    "UnsupportedOperation",
+    "directional_derivatives",
     "Constraint",
     "DataError",
     "Estimator",

@@ -185,6 +185,15 @@ class TrainConfig:
     world_size: int = 1
     lr_selected_by: str = "fixed"
 
+    def estimator_options(self) -> dict[str, Any]:
+        """The options of this run's estimator (each estimator takes the ones it knows)."""
+        return {
+            "tangents": self.tangents,
+            "distribution": self.distribution,
+            "combine": self.combine,
+            "eps": self.eps,
+        }
+
     @property
     def is_test_function(self) -> bool:
         return self.problem in TEST_FUNCTIONS
@@ -241,9 +250,7 @@ class TrainConfig:
             _check_number("epochs", self.epochs, low=0, strict=True)
             if self.is_test_function:
                 raise ValueError(f"{self.problem} has no data set, so no epochs; set steps.")
-        make_estimator(
-            self.estimator, self.tangents, self.distribution, self.combine, self.eps, seed=0
-        )
+        make_estimator(self.estimator, **self.estimator_options(), seed=0)
         if self.is_test_function:
             make_test_function(self.problem, self.dim)
         if self.constraint is not None:
@@ -348,9 +355,7 @@ def step_size_at(config: TrainConfig, step: int) -> float:
 def run_label(config: TrainConfig) -> str:
     """What a run is called in reports, e.g. "forward (K=1, normal, mean)"; Frank-Wolfe runs add
     ", Frank-Wolfe averaged" or ", Frank-Wolfe raw" (the estimate fed to the oracle)."""
-    label = make_estimator(
-        config.estimator, config.tangents, config.distribution, config.combine, config.eps, seed=0
-    ).describe()
+    label = make_estimator(config.estimator, **config.estimator_options(), seed=0).describe()
     if config.optimizer == FRANK_WOLFE:
         label += ", Frank-Wolfe " + ("averaged" if config.fw_averaging else "raw")
     return label
@@ -944,10 +949,7 @@ def train(
         model = task.make_model(config)
         estimator = make_estimator(
             config.estimator,
-            config.tangents,
-            config.distribution,
-            config.combine,
-            config.eps,
+            **config.estimator_options(),
             seed=derive_seed(config.seed, "tangents"),
         )
         optimizer = make_optimizer(config, model)

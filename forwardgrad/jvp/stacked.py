@@ -1,266 +1,105 @@
-"""Fast forward gradients: the loss evaluated once, the K tangents stacked as a batch dimension.
+"""The stacked-tangent evaluation: the loss computed once, the K tangents stacked beside it.
 
-The general path (``estimators.directional_derivatives_of``) runs the closure on dual tensors,
-once per tangent or through legacy vmap. Here the closure runs once, under a
-``TorchFunctionMode`` that keeps, beside every tensor computed from the parameters, its K
-tangents as one tensor of shape ``(K, *shape)``, and pushes them through each operation by
-that operation's Jacobian-vector product. For a linear layer y = x Wᵀ + b:
+The closure runs once under ``StackedTangents``, a ``TorchFunctionMode`` that keeps, beside
+every tensor computed from the parameters, its K tangents as one tensor of shape
+``(K, *shape)``, and pushes them through each operation by that operation's Jacobian-vector
+product. For a linear layer y = x Wᵀ + b:
 
     ẏ_k = ẋ_k Wᵀ + x V_kᵀ + v_k,
 
 one matrix product with K·B rows and one with the K weight tangents, while the primal y is
-computed once. A parameter's tangent is asked for (``tangent_of(i)``) when the first operation
-that uses it runs, so a caller can draw it then, and drop it or draw it again later (see
-``TangentSource``); intermediate tangents die with their activations.
+computed once. A parameter's tangent is asked of the ``TangentSource`` when the first operation
+that uses it runs, so the source can draw it then and drop it or draw it again later;
+intermediate tangents die with their activations.
 
-Only operations with a rule below are covered: linear and convolution layers, the common
-activations, pooling, shape changes, elementwise arithmetic, dropout, batch and layer norm,
-embeddings, reductions and the usual losses. Any other operation that touches a tangent
-raises ``Unsupported`` before it runs, and the caller falls back to the general path.
+Each operation on a tangent-carrying tensor goes, in this order, to
+
+1. nothing at all, for results that carry no derivative (shapes, comparisons, ``detach``);
+2. a hand-written rule (``jvp.rules``) where one pays in time or memory;
+3. PyTorch's own forward-mode formula for that one call (``forward_ad_call``): the call runs on
+   dual tensors, once per tangent, and its outputs' tangents are stacked again. This is how
+   every operation that PyTorch can differentiate in forward mode is covered without a rule.
+
+In-place operations run out of place and are written back, tangent included, into the mutated
+tensor (and so into the views that share its memory). What cannot be done safely raises
+``Unsupported`` and the engine takes the general path for that model.
 """
 
 from __future__ import annotations
 
-import math
+import functools
+import inspect
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from forwardgrad import tangents as tg
-
-DISTRIBUTIONS = ("normal", "rademacher")  # tangents that a parameter can draw on its own
+from forwardgrad.jvp.routes import COMPOSITES, CONTEXTS
+from forwardgrad.jvp.rules import IN_PLACE, RULES, Decline
+from forwardgrad.tangents.sources import TangentSource
 
 
 class Unsupported(RuntimeError):
-    """An operation on the parameters' tangents has no rule here; use the general path."""
+    """The stacked evaluation cannot run this closure; the message says what stopped it."""
 
 
 class TangentReused(Unsupported):
     """A tensor's tangent was read after relu had reused it in place for its output."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Where parameter tangents come from
+_REUSED = object()  # in place of a tangent that relu has overwritten
 
-
-class TangentSource:
-    """Tangent i of one step, a pure function of ``(seed, i)`` (``tangents.parameter_tangents``).
-
-    The three subclasses differ in what they keep: ``GradTangents`` (K = 1) draws straight
-    into ``.grad``, ``HeldTangents`` keeps each ``(K, *shape)`` tensor for the update, and
-    ``DrawnTangents`` keeps nothing and draws again when asked again.
-    """
-
-    def __init__(
-        self, params: Sequence[torch.Tensor], count: int, distribution: str, seed: int
-    ) -> None:
-        self.params, self.count = list(params), count
-        self.distribution, self.seed = distribution, seed
-
-    def __call__(self, index: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    def draw(self, index: int) -> torch.Tensor:
-        return tg.parameter_tangents(
-            self.params[index], self.count, self.distribution, self.seed, index
-        )
-
-    def gram(self) -> torch.Tensor:
-        """BᵀB over all parameters (K x K, float64), for the projection combiner."""
-        return tg.gram_matrix([self(i) for i in range(len(self.params))])
-
-
-class DrawnTangents(TangentSource):
-    """Keeps no tangent: each request draws it again. A linear layer's weight or an embedding
-    table larger than ``tangents.CHUNK`` is drawn a block of rows at a time (``row_blocks``),
-    so that the step never holds more of a tangent than one block."""
-
-    def __call__(self, index: int) -> torch.Tensor:
-        return self.draw(index)
-
-    def row_blocks(self, index: int) -> Iterator[tuple[int, int, torch.Tensor]] | None:
-        """``(start, stop, tangents[:, start:stop])`` in row order, or ``None`` for a small
-        parameter, which is cheaper drawn whole."""
-        p = self.params[index]
-        if p.dim() < 2 or p.numel() <= tg.CHUNK:
-            return None
-        return tg.parameter_row_blocks(p, self.count, self.distribution, self.seed, index)
-
-
-class HeldTangents(TangentSource):
-    """Draws each parameter's K tangents once and keeps them for the update.
-
-    ``buffers`` (index -> tensor), kept by the caller from step to step, are drawn into when
-    their shape fits: fresh multi-megabyte tensors cost a page fault per 4 KiB at first touch.
-    """
-
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        count: int,
-        distribution: str,
-        seed: int,
-        buffers: dict[int, torch.Tensor] | None = None,
-    ) -> None:
-        super().__init__(params, count, distribution, seed)
-        self.held: dict[int, torch.Tensor] = {}
-        self.buffers = {} if buffers is None else buffers
-
-    def __call__(self, index: int) -> torch.Tensor:
-        if index not in self.held:
-            p, buffer = self.params[index], self.buffers.get(index)
-            shape = (self.count, *p.shape)
-            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
-                shape,
-                p.dtype,
-                p.device,
-            ):
-                buffer = self.buffers[index] = torch.empty(shape, dtype=p.dtype, device=p.device)
-            for k in range(self.count):
-                tg.fill_tangent(buffer[k], self.distribution, self.seed, index, k)
-            self.held[index] = buffer
-        return self.held[index]
-
-    def write_grads(self, coefficients: torch.Tensor) -> None:
-        """``.grad`` of parameter i ← Σ_k c_k v_k."""
-        for i, p in enumerate(self.params):
-            v = self(i)
-            c = coefficients.to(device=v.device, dtype=v.dtype)
-            estimate = torch.tensordot(c, v, dims=1).to(p.device)
-            if _grad_buffer_ok(p):
-                p.grad.copy_(estimate)
-            else:
-                p.grad = estimate
-
-
-class GradTangents(TangentSource):
-    """K = 1: each tangent is drawn into the parameter's ``.grad``, then scaled there by the
-    coefficient, so the step holds no tangent beside the gradient it has to fill anyway."""
-
-    def __init__(self, params: Sequence[torch.Tensor], distribution: str, seed: int) -> None:
-        super().__init__(params, 1, distribution, seed)
-        self.drawn: set[int] = set()
-
-    def __call__(self, index: int) -> torch.Tensor:
-        p = self.params[index]
-        if not _grad_buffer_ok(p):
-            p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-        if index not in self.drawn:
-            tg.fill_tangent(p.grad, self.distribution, self.seed, index, 0)
-            self.drawn.add(index)
-        return p.grad.unsqueeze(0)
-
-    def write_grads(self, coefficients: torch.Tensor) -> None:
-        """``.grad`` ← c v, in place (parameters the loss never used get their v drawn now)."""
-        scale = float(coefficients.reshape(-1)[0])
-        for i in range(len(self.params)):
-            self(i)[0].mul_(scale)
-
-
-def _grad_buffer_ok(p: torch.Tensor) -> bool:
-    g = p.grad
-    return (
-        g is not None
-        and g.shape == p.shape
-        and g.dtype == p.dtype
-        and g.device == p.device
-        and g.is_contiguous()
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# The evaluation
-
-
-def stacked_derivatives(
-    closure: Callable[[], torch.Tensor],
-    params: Sequence[torch.Tensor],
-    tangent_of: Callable[[int], torch.Tensor],
-    count: int,
-    rewind: Callable[[], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``closure`` once and return its value and its K directional derivatives.
-
-    Call it under ``torch.no_grad()``. Parameter i moves along ``tangent_of(i)``, a tensor of
-    shape ``(K, *params[i].shape)``; the result is d_k = Σ_i ∇_i L · tangent_of(i)[k].
-
-    Args:
-      closure: computes the scalar loss from the parameters, which it uses in place.
-      params: the parameters that carry tangents.
-      tangent_of: the K tangents of parameter i, asked for when an operation first uses it.
-      count: K.
-      rewind: puts back what running the closure changed (buffers, RNG states). Given it, relu
-        writes its output's tangent over its input's, one activation-sized tensor less at
-        the peak; if the closure then reads the input's tangent again (``h`` in
-        ``relu(h) + h``), everything is rewound and the closure runs again without that, as
-        it does from then on for these parameters.
-
-    Returns:
-      ``(value, derivatives)``: what the closure returned, and a tensor of shape ``(K,)``.
-
-    Raises:
-      Unsupported: the closure used an operation on a tangent-carrying tensor that has no
-        rule here; nothing has been applied to it.
-    """
-    if rewind is None or not params or params[0] in _KEEPS_RELU_INPUTS:
-        return _stacked_derivatives(closure, params, tangent_of, count, reuse=False)
-    try:
-        return _stacked_derivatives(closure, params, tangent_of, count, reuse=True)
-    except TangentReused:
-        _KEEPS_RELU_INPUTS[params[0]] = True
-        rewind()
-    return _stacked_derivatives(closure, params, tangent_of, count, reuse=False)
-
-
-# Models, known by their first parameter, whose closure reads a relu input's tangent after
-# the relu: there relu keeps its input's tangent and writes a new one.
-_KEEPS_RELU_INPUTS = WeakIdKeyDictionary()
-
-
-def _stacked_derivatives(closure, params, tangent_of, count, reuse):
-    mode = StackedTangents(params, tangent_of, count, reuse)
-    mode.boundary = sys._getframe()
-    with mode:
-        value = closure()
-        tangent = mode.tangent(value) if isinstance(value, torch.Tensor) else None
-    if not isinstance(value, torch.Tensor) or value.numel() != 1:
-        return value, tangent  # not a scalar loss: the caller says what is wrong
-    if tangent is None:  # the loss does not depend on the parameters
-        tangent = torch.zeros(count, *value.shape, dtype=value.dtype, device=value.device)
-    return value, tangent.reshape(count)
+# Attributes and functions whose result carries no derivative.
+_ATTRIBUTES = frozenset(
+    "shape dtype device ndim is_cuda layout requires_grad is_leaf grad_fn data names "
+    "is_sparse is_quantized is_meta is_mkldnn output_nr _version nbytes itemsize is_nested "
+    "is_cpu is_xpu is_mps grad".split()
+)
+_CONSTANT_RESULTS = frozenset(
+    "size dim ndimension numel nelement __len__ stride storage_offset is_contiguous "
+    "is_floating_point is_complex element_size data_ptr untyped_storage item tolist __bool__ "
+    "__float__ __int__ __index__ __format__ __repr__ __str__ __hash__ argmax argmin argsort "
+    "eq ne lt le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ isnan isinf isfinite isclose "
+    "allclose equal detach detach_ sign get_device numpy requires_grad_ retain_grad "
+    "register_hook is_set_to new_empty new_zeros new_ones new_full new_tensor logical_not "
+    "logical_and logical_or any all is_nonzero is_same_size count_nonzero".split()
+)
 
 
 class StackedTangents(TorchFunctionMode):
-    """Carries K tangents beside each tensor computed from ``params``; see the module doc."""
+    """Carries K tangents beside each tensor computed from the source's parameters.
 
-    def __init__(
-        self,
-        params: Sequence[torch.Tensor],
-        tangent_of: Callable[[int], torch.Tensor],
-        count: int,
-        reuse: bool = False,
-    ) -> None:
+    Args:
+        source: where parameter i's tangents come from (``source(i)``, shape ``(K, *shape)``).
+        reuse: may relu write its output's tangent over its input's (see ``reusable``)?
+    """
+
+    def __init__(self, source: TangentSource, reuse: bool = False) -> None:
         super().__init__()
-        self.count = count
-        self.reuse = reuse  # may relu overwrite a tangent that only its input holds?
-        self._params = list(params)
-        self._index = {id(p): i for i, p in enumerate(self._params)}
-        self._tangent_of = tangent_of
-        self._row_blocks = getattr(tangent_of, "row_blocks", None)
+        self.source, self.count, self.reuse = source, source.count, reuse
+        self._index = {id(p): i for i, p in enumerate(source.params)}
         self._tangents = WeakIdKeyDictionary()
         # Tensors whose tangent a rule allocated for them alone (not a view of another
         # tensor's, nor a parameter's tangent, which may be its .grad).
         self._owns = WeakIdKeyDictionary()
-        # Storages of the parameter tangents handed out, never to be written (.grad, held
-        # tangents): pointer -> a weak reference to the tensor that owns it, so that a freed
-        # drawn tangent's address, reused by a later activation, does not count.
+        # Tensors that became tangent-carrying through an in-place write: a view of one taken
+        # earlier finds its tangent through its base.
+        self._written = WeakIdKeyDictionary()
+        # Storages of the parameter tangents handed out, never to be written: pointer -> a
+        # weak reference to the tensor that owns it (a freed address may be reused).
         self._parameter_storages: dict[int, weakref.ref] = {}
         self.boundary = None  # the frame that runs the closure: where the stack search stops
+        self.forward_ad_calls: dict[str, int] = {}  # functions without a rule, and how often
+
+    # ------------------------------------------------------------------ tangents of tensors
+
+    def is_parameter(self, value: object) -> bool:
+        return isinstance(value, torch.Tensor) and id(value) in self._index
 
     def tangent(self, value: object) -> torch.Tensor | None:
         """The ``(K, *shape)`` tangent of ``value``, or ``None`` if it is a constant."""
@@ -268,21 +107,21 @@ class StackedTangents(TorchFunctionMode):
             return None
         index = self._index.get(id(value))
         if index is not None:
-            tangent = self._tangent_of(index)
+            tangent = self.source(index)
             owner = tangent if tangent._base is None else tangent._base  # .grad, not its view
             self._parameter_storages[tangent.untyped_storage().data_ptr()] = weakref.ref(owner)
             return tangent
         tangent = self._tangents.get(value)
         if tangent is _REUSED:
             raise TangentReused("a tangent was read after relu had overwritten it")
+        if tangent is None and value._base is not None and value._base in self._written:
+            tangent = self._view_of_base_tangent(value)
         return tangent
 
     def row_blocks(self, value: object) -> Iterator[tuple[int, int, torch.Tensor]] | None:
         """A parameter's tangent a block of rows at a time, if the source draws it so."""
         index = self._index.get(id(value)) if isinstance(value, torch.Tensor) else None
-        if index is None or self._row_blocks is None:
-            return None
-        return self._row_blocks(index)
+        return None if index is None else self.source.row_blocks(index)
 
     def track(
         self, out: torch.Tensor, tangent: torch.Tensor | None, fresh: bool = False
@@ -293,15 +132,48 @@ class StackedTangents(TorchFunctionMode):
             shape = (self.count, *out.shape)
             if tangent.shape != shape:
                 tangent, fresh = tangent.expand(shape), False
+            if tangent.dtype != out.dtype and out.is_floating_point():
+                tangent = tangent.to(out.dtype)
             self._tangents[out] = tangent
             if fresh:
                 self._owns[out] = True
+        else:
+            self._tangents.pop(out, None)
         return out
 
+    def carries(self, value: object) -> bool:
+        if isinstance(value, torch.Tensor):
+            if id(value) in self._index or value in self._tangents:
+                return True
+            return value._base is not None and value._base in self._written
+        if isinstance(value, (list, tuple)):
+            return any(self.carries(v) for v in value)
+        if isinstance(value, dict):
+            return any(self.carries(v) for v in value.values())
+        return False
+
+    def shares_storage(self, x: torch.Tensor) -> bool:
+        """Does another tracked tensor use ``x``'s memory?"""
+        pointer = x.untyped_storage().data_ptr()
+        return any(
+            t is not x and t.untyped_storage().data_ptr() == pointer for t in self._tangents.keys()
+        )
+
     def reusable(self, x: torch.Tensor, tangent: torch.Tensor) -> bool:
-        """May ``x``'s tangent be overwritten? Only if a rule made it for ``x`` alone and no
-        other tensor's tangent has since become a view of it."""
-        if not (self.reuse and x in self._owns) or id(x) in self._index:
+        """May relu write its output's tangent over ``x``'s? Only if a rule made it for ``x``
+        alone, it is no parameter's, and no other tensor's tangent has since become a view of
+        it (not even a view of x's, which would keep reading the old values)."""
+        return self.reuse and self._writable(x, tangent, views_follow=False)
+
+    def mark_reused(self, x: torch.Tensor) -> None:
+        """``x``'s tangent now belongs to another tensor: reading it again is an error."""
+        self._tangents[x] = _REUSED
+        self._owns.pop(x, None)
+
+    def _writable(self, x: torch.Tensor, tangent: torch.Tensor | None, views_follow: bool) -> bool:
+        """Is ``x``'s tangent x's alone to write? With ``views_follow`` the tangents of x's own
+        views may share it: an in-place write into x changes them too, as it does their values."""
+        if tangent is None or x not in self._owns or id(x) in self._index:
             return False
         pointer = tangent.untyped_storage().data_ptr()
         owner = self._parameter_storages.get(pointer)
@@ -311,42 +183,144 @@ class StackedTangents(TorchFunctionMode):
             other is not x
             and isinstance(t, torch.Tensor)
             and t.untyped_storage().data_ptr() == pointer
+            and not (views_follow and other._base is x)
             for other, t in self._tangents.items()
         )
 
-    def _carries(self, value: object) -> bool:
-        if isinstance(value, torch.Tensor):
-            return id(value) in self._index or value in self._tangents
-        if isinstance(value, (list, tuple)):
-            return any(self._carries(v) for v in value)
-        return False
+    def _view_of_base_tangent(self, view: torch.Tensor) -> torch.Tensor | None:
+        """The tangent of a view taken before its base became tangent-carrying in place."""
+        base = view._base
+        tb = self._tangents.get(base)
+        if tb is None or tb is _REUSED or tuple(tb.stride()[1:]) != tuple(base.stride()):
+            return None
+        offset = tb.storage_offset() + view.storage_offset() - base.storage_offset()
+        shape, strides = (self.count, *view.shape), (tb.stride(0), *view.stride())
+        return tb.as_strided(shape, strides, offset)
+
+    # ------------------------------------------------------------------ in-place writes
+
+    def assign(self, x: torch.Tensor, value: torch.Tensor, tangent: torch.Tensor | None):
+        """Write ``value`` and its ``tangent`` into ``x``, as an in-place operation does."""
+        if self.is_parameter(x):
+            raise Unsupported("an in-place operation on a parameter inside the closure")
+        current = self.tangent(x)
+        if tangent is None and current is None:
+            x.copy_(value)
+            return x
+        if tangent is None:
+            tangent = torch.zeros((self.count, *x.shape), dtype=x.dtype, device=x.device)
+        target = self._write_target(x, current)
+        x.copy_(value)
+        if target is not None:
+            target.copy_(tangent.expand(target.shape))
+        else:  # x alone, and nothing views it: its tangent is replaced
+            self.track(x, tangent.expand(self.count, *x.shape).clone(), fresh=True)
+            self._written[x] = True
+        return x
+
+    def _write_target(self, x: torch.Tensor, current: torch.Tensor | None):
+        """The tensor to write x's new tangent into, or None to rebind x's tangent."""
+        base = x._base
+        if base is None:
+            if current is not None and self._writable(x, current, views_follow=True):
+                return current
+            if any(getattr(other, "_base", None) is x for other in self._tangents.keys()):
+                raise Unsupported("an in-place write into a tensor whose views carry tangents")
+            return None
+        base_tangent = self.tangent(base)
+        if base_tangent is None and base.is_contiguous():
+            zeros = torch.zeros((self.count, *base.shape), dtype=base.dtype, device=base.device)
+            self.track(base, zeros, fresh=True)
+            self._written[base] = True
+            view = self._view_of_base_tangent(x)
+            self._tangents[x] = view
+            return view
+        shared = (
+            current is not None
+            and base_tangent is not None
+            and self._writable(base, base_tangent, views_follow=True)
+            and current.untyped_storage().data_ptr() == base_tangent.untyped_storage().data_ptr()
+        )
+        if not shared:
+            raise Unsupported("an in-place write into a view whose tangent is not its base's")
+        return current
+
+    # ------------------------------------------------------------------ the dispatch
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not (self._carries(args) or self._carries(tuple(kwargs.values()))):
+        if not (self.carries(args) or self.carries(kwargs)):
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # an attribute such as x.shape or x.T
+            return self._attribute(func, args, kwargs)
+        if name in _CONSTANT_RESULTS:
             return func(*args, **kwargs)
         if self._inside_custom_function():
             # Its derivative is its own jvp, not that of the operations in its forward.
-            raise Unsupported("no stacked-tangent rule for a custom torch.autograd.Function")
-        name = getattr(func, "__name__", "")
-        rule = _RULES.get(func)
-        if rule is not None:
+            raise Unsupported("a custom torch.autograd.Function runs inside the closure")
+        try:
+            return self._apply(func, name, args, kwargs)
+        except (Unsupported, torch.cuda.OutOfMemoryError, MemoryError):
+            raise
+        except Exception as error:  # a case nothing covers: the general path
+            raise Unsupported(
+                f"{name or func} failed in the stacked evaluation: {error}"
+            ) from error
+
+    def _apply(self, func, name, args, kwargs):
+        composite = COMPOSITES.get(func)
+        if composite is not None:  # no forward-mode formula: its composite, through this mode
+            with self:
+                return composite(*args, **kwargs)
+        rule = RULES.get(func)
+        if rule is not None and rule.in_place:  # it writes in place itself (relu)
             try:
-                return rule(self, func, *args, **kwargs)
-            except Unsupported:
-                raise
-            except Exception as error:  # a case the rule does not cover: the general path
-                raise Unsupported(f"the stacked-tangent rule for {name} failed: {error}") from error
-        if name == "__get__":  # an attribute such as x.shape or x.T
-            attribute = getattr(getattr(func, "__self__", None), "__name__", "")
-            if attribute in _ATTRIBUTES:
-                return func(*args, **kwargs)
-            if attribute in ("T", "mT"):
-                return _transpose_last(self, func, *args, **kwargs)
-            name = f"Tensor.{attribute}"
-        elif name in _CONSTANT_RESULTS:
+                return rule.apply(self, func, *args, **kwargs)
+            except Decline:
+                pass
+        in_place = _out_of_place(func, args, kwargs)
+        if in_place is not None:
+            plain, plain_args, plain_kwargs = in_place
+            value = self._apply(plain, getattr(plain, "__name__", name), plain_args, plain_kwargs)
+            return self.assign(args[0], value, self.tangent(value))
+        if name == "__setitem__":
+            return self._setitem(func, *args)
+        if rule is not None and not rule.in_place:
+            try:
+                return rule.apply(self, func, *args, **kwargs)
+            except Decline:
+                pass
+        context = CONTEXTS.get(func)
+        if context is not None:
+            with context():
+                return forward_ad_call(self, func, args, kwargs)
+        return forward_ad_call(self, func, args, kwargs)
+
+    def _attribute(self, func, args, kwargs):
+        attribute = getattr(getattr(func, "__self__", None), "__name__", "")
+        if attribute in ("T", "mT"):
+            return RULES[torch.Tensor.t].apply(self, func, *args, **kwargs)
+        if attribute in _ATTRIBUTES:
             return func(*args, **kwargs)
-        raise Unsupported(f"no stacked-tangent rule for {name or func}")
+        return forward_ad_call(self, func, args, kwargs)
+
+    def _setitem(self, func, x, index, value):
+        """x[index] = value: the same elements of x's tangent take value's (0 for a constant)."""
+        new = x.clone()
+        tangent = self.tangent(x)
+        tv = self.tangent(value)
+        new_tangent = None
+        if tangent is not None or tv is not None:
+            new_tangent = (
+                tangent.clone()
+                if tangent is not None
+                else torch.zeros((self.count, *x.shape), dtype=x.dtype, device=x.device)
+            )
+            index_tuple = index if isinstance(index, tuple) else (index,)
+            new_tangent[(slice(None), *index_tuple)] = 0 if tv is None else tv
+        func(new, index, value)
+        self.assign(x, new, new_tangent)
 
     def _inside_custom_function(self) -> bool:
         # A custom Function's forward is called from C++ by Function.apply, whose Python frame
@@ -361,668 +335,169 @@ class StackedTangents(TorchFunctionMode):
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
 
-# Attributes and functions whose result carries no derivative (shapes, comparisons, detach).
-_ATTRIBUTES = frozenset(
-    "shape dtype device ndim is_cuda layout requires_grad is_leaf grad_fn data names "
-    "is_sparse is_quantized is_meta is_mkldnn output_nr _version nbytes itemsize".split()
-)
-_CONSTANT_RESULTS = frozenset(
-    "size dim ndimension numel nelement __len__ stride storage_offset is_contiguous "
-    "is_floating_point is_complex element_size data_ptr untyped_storage item tolist __bool__ "
-    "__float__ __int__ __index__ __format__ __repr__ __str__ __hash__ argmax argmin eq ne lt "
-    "le gt ge __eq__ __ne__ __lt__ __le__ __gt__ __ge__ isnan isinf isfinite isclose allclose "
-    "equal detach sign get_device numpy".split()
-)
+
+# --------------------------------------------------------------------------------------------
+# In-place spellings
 
 
-# ---------------------------------------------------------------------------------------------
-# Rules. Each gets the mode, the intercepted function and its arguments, computes the primal
-# with that function and returns it, after recording its tangent with ``mode.track``.
+def _out_of_place(func, args, kwargs):
+    """``(plain, args, kwargs)``: the out-of-place call that computes what ``func`` writes into
+    ``args[0]``, or None when ``func`` is not an in-place operation."""
+    if kwargs.get("inplace") is True or _inplace_flag(func, args):
+        plain_kwargs = dict(kwargs, inplace=False)
+        return func, _without_inplace_flag(func, args), plain_kwargs
+    if kwargs.get("out") is not None:
+        raise Unsupported(f"{getattr(func, '__name__', func)} with out=")
+    plain = IN_PLACE.get(func)
+    if plain is None:
+        plain = _plain_form(func)
+    if plain is None:
+        return None
+    return plain, args, kwargs
 
 
-def _lift(tangent: torch.Tensor, ndim: int) -> torch.Tensor:
-    """View a ``(K, *shape)`` tangent as ``(K, 1, ..., *shape)`` with ``ndim`` dims after K, so
-    that it broadcasts against a tensor of ``ndim`` dims the way the primal did."""
-    missing = ndim - (tangent.dim() - 1)
-    if missing <= 0:
-        return tangent
-    return tangent.reshape(tangent.shape[0], *([1] * missing), *tangent.shape[1:])
+@functools.cache
+def _inplace_position(func) -> int | None:
+    try:
+        parameters = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return parameters.index("inplace") if "inplace" in parameters else None
 
 
-def _arg(args, kwargs, position: int, name: str, default=None):
-    if len(args) > position:
-        return args[position]
-    return kwargs.get(name, default)
+def _inplace_flag(func, args) -> bool:
+    position = _inplace_position(func)
+    return position is not None and len(args) > position and args[position] is True
 
 
-def _linear(mode, func, x, weight, bias=None):
-    out = func(x, weight, bias)
-    tx, tb = mode.tangent(x), mode.tangent(bias)
-    # The weight's K tangents, whole or (ForwardSGD, a large weight) a block of rows at a time.
-    blocks = mode.row_blocks(weight)
-    if blocks is None:
-        tw = mode.tangent(weight)
-        blocks = None if tw is None else [(0, weight.shape[0], tw)]
-    count = mode.count
-    tangent = None  # kept of shape (K, *out.shape); the products work on views of it
-    if tx is not None:
-        tangent = F.linear(tx, weight)  # all K·B rows in one product
-    if blocks is not None:  # x V_kᵀ into each block's output columns, in place
-        rows = x.reshape(-1, x.shape[-1])
-        beta = 1
-        if tangent is None:
-            tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
-            beta = 0  # the blocks write every column once; addmm ignores the empty input
-        stacked = tangent.view(count, rows.shape[0], weight.shape[0])
-        for start, stop, v in blocks:
-            columns = stacked[:, :, start:stop]
-            if count == 1:
-                columns[0].addmm_(rows, v[0].T, beta=beta)
+def _without_inplace_flag(func, args):
+    position = _inplace_position(func)
+    if position is None or len(args) <= position:
+        return args
+    return (*args[:position], False, *args[position + 1 :])
+
+
+@functools.cache
+def _plain_form(func) -> Callable | None:
+    """``Tensor.clamp_`` -> ``Tensor.clamp``, ``Tensor.__iand__`` -> ``Tensor.__and__``."""
+    name = getattr(func, "__name__", "")
+    owner = torch.Tensor if getattr(torch.Tensor, name, None) is func else None
+    if owner is None:
+        owner = torch if getattr(torch, name, None) is func else None
+    if owner is None or not name:
+        return None
+    if name.startswith("__i") and name.endswith("__"):
+        return getattr(owner, f"__{name[3:]}", None)
+    if name.endswith("_") and not name.endswith("__"):
+        if name in ("copy_", "zero_", "fill_", "requires_grad_", "detach_"):
+            return _SPECIAL_PLAIN.get(name)
+        return getattr(owner, name[:-1], None)
+    return None
+
+
+def _copy(x, source, non_blocking=False):
+    return source.to(dtype=x.dtype, device=x.device).expand_as(x).clone()
+
+
+def _zero(x):
+    return torch.zeros_like(x)
+
+
+def _fill(x, value):
+    if isinstance(value, torch.Tensor):
+        return value.to(x.dtype).expand_as(x).clone()
+    return torch.full_like(x, value)
+
+
+_SPECIAL_PLAIN = {"copy_": _copy, "zero_": _zero, "fill_": _fill}
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch's forward-mode formulas, one call at a time
+
+
+def forward_ad_call(mode: StackedTangents, func, args, kwargs):
+    """Run ``func`` on dual tensors, once per tangent, and stack its outputs' tangents.
+
+    The primal comes from the first pass; before each further pass the RNG states are put back,
+    so a random function draws the same numbers for every tangent. Raises the error PyTorch
+    raises when the function has no forward-mode formula.
+    """
+    name = getattr(func, "__name__", str(func))
+    mode.forward_ad_calls[name] = mode.forward_ad_calls.get(name, 0) + 1
+    flat, spec = tree_flatten((args, kwargs))
+    positions = [i for i, a in enumerate(flat) if mode.carries(a)]
+    tangents = [mode.tangent(flat[i]) for i in positions]
+    rng = _rng_state() if mode.count > 1 else None
+    primal_outputs, output_tangents = None, []
+    for k in range(mode.count):
+        if k > 0:
+            _set_rng_state(rng)
+        with fwAD.dual_level():
+            duals = list(flat)
+            for i, t in zip(positions, tangents):
+                duals[i] = _dual(flat[i], t[k])
+            dual_args, dual_kwargs = tree_unflatten(duals, spec)
+            outputs, out_spec = tree_flatten(func(*dual_args, **dual_kwargs))
+            output_tangents.append([_tangent_of(o) for o in outputs])
+        if primal_outputs is None:  # plain tensors now that their level has closed
+            primal_outputs = outputs
+    for j, out in enumerate(primal_outputs):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            parts = [ts[j] for ts in output_tangents]
+            if any(p is not None for p in parts):
+                parts = [torch.zeros_like(out) if p is None else p for p in parts]
+                mode.track(out, torch.stack(parts), fresh=True)
             else:
-                columns.baddbmm_(rows.expand(count, *rows.shape), v.transpose(1, 2), beta=beta)
-    fresh = tangent is not None  # allocated here, not a view of the bias's tangent
-    if tb is not None:
-        bias_tangent = _lift(tb, out.dim())
-        tangent = bias_tangent if tangent is None else tangent.add_(bias_tangent)
-    return mode.track(out, tangent, fresh=fresh)
+                mode.track(out, None)
+    return tree_unflatten(primal_outputs, out_spec)
 
 
-def _shaped(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """``t``, just computed, given ``shape`` in place rather than viewed."""
-    if t.shape == tuple(shape):
-        return t
-    if t.is_contiguous() and not t._is_view():
-        return t.resize_(shape)
-    return t.reshape(shape)
+def _dual(x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    if tangent.shape != x.shape:
+        tangent = tangent.expand(x.shape)
+    if tangent.dtype != x.dtype:
+        tangent = tangent.to(x.dtype)
+    return fwAD.make_dual(x, tangent)
 
 
-def _convolution(mode, func, x, weight, bias=None, *args, **kwargs):
-    out = func(x, weight, bias, *args, **kwargs)
-    tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
-    count, batched = mode.count, x.dim() == weight.dim()
-    if tw is not None and _arg(args, kwargs, 3, "groups", 1) != 1:
-        raise Unsupported("no stacked-tangent rule for a grouped convolution's weight")
-    tangent = None
-    slices = _batch_slices(out, 2 * count) if batched else [slice(None)]
-    if (tx is not None or tw is not None) and len(slices) == 1:
-        tangent = _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs)
-    elif count == 1 and (tx is not None or tw is not None):
-        # A slice of the batch at a time: whole, each product would leave one more
-        # activation-sized temporary (two, when oneDNN reorders its output) at the peak.
-        tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
-        for rows in slices:
-            part = None if tx is None else tx[:, rows]
-            tangent[:, rows] = _convolution_tangent(
-                func, x[rows], part, weight, tw, count, args, kwargs
-            )
-    elif tx is not None or tw is not None:
-        # K > 1: the K·B tangent images in one convolution, and x ⊛ V_k, whose (B, K·C_out,
-        # ...) result would be K activations more, a slice of the batch at a time.
-        if tx is not None:
-            tangent = _convolution_tangent(func, x, tx, weight, None, count, args, kwargs)
-        if tw is not None:
-            fresh = tangent is None
-            if fresh:
-                tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
-            filters = tw.flatten(0, 1)
-            for rows in slices:
-                stacked = func(x[rows], filters, None, *args, **kwargs)
-                stacked = stacked.unflatten(1, (count, -1)).transpose(0, 1)
-                target = tangent[:, rows]
-                target.copy_(stacked) if fresh else target.add_(stacked)
-    if tb is not None:
-        channel = 1 if batched else 0
-        bias_tangent = tb.reshape(count, *([1] * channel), -1, *([1] * (out.dim() - channel - 1)))
-        tangent = bias_tangent if tangent is None else tangent.add_(bias_tangent)
-    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
+def _tangent_of(value) -> torch.Tensor | None:
+    return fwAD.unpack_dual(value).tangent if isinstance(value, torch.Tensor) else None
 
 
-def _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs) -> torch.Tensor:
-    """ẋ_k ⊛ W + x ⊛ V_k for all k: one convolution of the K·B tangent images, and one of
-    the images with the K weight tangents stacked as K·C_out filters."""
-    batched = x.dim() == weight.dim()
-    result = None
-    if tx is not None:
-        images = func(tx.flatten(0, 1) if batched else tx, weight, None, *args, **kwargs)
-        result = _shaped(images, (count, *([x.shape[0]] if batched else []), *images.shape[1:]))
-    if tw is not None:
-        stacked = func(x, tw.flatten(0, 1), None, *args, **kwargs)  # (B, K·C_out, ...)
-        if batched:
-            stacked = stacked.unflatten(1, (count, -1)).transpose(0, 1)
-        else:
-            stacked = stacked.unflatten(0, (count, -1))
-        result = stacked.contiguous() if result is None else result.add_(stacked)
-    return result
+def _rng_state():
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
 
 
-def _matmul(mode, func, a, b):
-    out = func(a, b)
-    ta, tb = mode.tangent(a), mode.tangent(b)
-    tangent = None
-    if ta is not None:
-        tangent = torch.vmap(lambda t: torch.matmul(t, b))(ta)
-    if tb is not None:
-        term = torch.vmap(lambda t: torch.matmul(a, t))(tb)
-        tangent = term if tangent is None else tangent + term
-    return mode.track(out, tangent)
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
-def _concatenate(mode, func, tensors, dim=0, **kwargs):
-    out = func(tensors, dim, **kwargs)
-    parts = []
-    for t in tensors:
-        tangent = mode.tangent(t)
-        if tangent is None:
-            tangent = torch.zeros((mode.count, *t.shape), dtype=out.dtype, device=out.device)
-        parts.append(tangent)
-    # stack adds a dimension, so its dim may be one past the inputs' last.
-    ndim = out.dim()
-    return mode.track(out, func(parts, dim % ndim + 1))
+# --------------------------------------------------------------------------------------------
+# The evaluation
 
 
-def _scaled(derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    """A rule for y = f(x) elementwise: ẏ = f'(x) ẋ, with f' from the input and output."""
+def stacked_derivatives(
+    closure: Callable[[], torch.Tensor], source: TangentSource, reuse: bool = False
+) -> tuple[object, torch.Tensor | None, StackedTangents]:
+    """Run ``closure`` once under ``StackedTangents`` and return its value and value's tangent.
 
-    def rule(mode, func, x, *args, **kwargs):
-        if kwargs.get("inplace") or any(a is True for a in args):  # F.silu(x, True) and kin
-            raise Unsupported(f"no stacked-tangent rule for in-place {func.__name__}")
-        tx = mode.tangent(x)
-        out = func(x, *args, **kwargs)
-        tangent = _lift(tx, out.dim()) * derivative(x, out, *args, **kwargs)
-        return mode.track(out, tangent, fresh=True)
+    Call it under ``torch.no_grad()``. Parameter i moves along ``source(i)``; the tangent of the
+    value (shape ``(K, *value.shape)``, or ``None`` when the value does not depend on the
+    parameters) holds d_k = Σ_i ∇_i value · source(i)[k].
 
-    return rule
-
-
-def _relu(mode, func, x, *args, **kwargs):
-    inplace = func in _IN_PLACE_RELU or bool(_arg(args, kwargs, 0, "inplace", False))
-    tx = mode.tangent(x)
-    if inplace:
-        if id(x) in mode._index or x._is_view() or _shares_storage(mode, x):
-            raise Unsupported("no stacked-tangent rule for in-place relu on a view or parameter")
-        out = torch.relu_(x)
-    else:
-        out = torch.relu(x)
-    # ẏ = ẋ where y > 0, else 0: relu's own backward kernel, broadcast over K. Written over ẋ
-    # only when no other tensor shares ẋ (h - c shares h's); x's tangent is then gone, and
-    # reading it again makes the caller run the closure once more without this.
-    if mode.reusable(x, tx):
-        torch.ops.aten.threshold_backward.grad_input(tx, out, 0, grad_input=tx)
-        if out is not x:
-            mode._tangents[x] = _REUSED
-            mode._owns.pop(x, None)
-        return mode.track(out, tx, fresh=True)
-    tangent = torch.ops.aten.threshold_backward(tx, out, 0)
-    return mode.track(out, tangent, fresh=True)
-
-
-_REUSED = object()  # in place of a tangent that relu has overwritten
-
-
-def _shares_storage(mode, x: torch.Tensor) -> bool:
-    pointer = x.untyped_storage().data_ptr()
-    return any(
-        t is not x and t.untyped_storage().data_ptr() == pointer for t in mode._tangents.keys()
-    )
-
-
-def _gelu_derivative(x, out, approximate="none"):
-    if approximate == "tanh":  # 0.5 x (1 + tanh u), u = √(2/π) (x + 0.044715 x³)
-        c = math.sqrt(2 / math.pi)
-        t = torch.tanh(c * (x + 0.044715 * x**3))
-        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
-    if approximate != "none":
-        raise Unsupported(f"no stacked-tangent rule for gelu approximate={approximate!r}")
-    cdf = 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-    return cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
-
-
-def _silu_derivative(x, out, inplace=False):
-    s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
-
-
-def _leaky_relu_derivative(x, out, negative_slope=0.01, inplace=False):
-    one = torch.ones((), dtype=x.dtype, device=x.device)
-    return torch.where(x > 0, one, one * negative_slope)
-
-
-def _reshaped(mode, func, x, *args, **kwargs):
-    """Operations that keep the elements in order: the tangent takes the output's shape."""
-    out = func(x, *args, **kwargs)
-    if not isinstance(out, torch.Tensor) or out.numel() != x.numel() or out.dtype != x.dtype:
-        raise Unsupported(f"no stacked-tangent rule for {func.__name__} that changes dtype")
-    tx = mode.tangent(x)
-    return mode.track(out, tx.reshape(mode.count, *out.shape))
-
-
-def _to(mode, func, x, *args, **kwargs):
-    out = func(x, *args, **kwargs)
-    if not out.is_floating_point():
-        return out
-    return mode.track(out, mode.tangent(x).to(dtype=out.dtype, device=out.device))
-
-
-def _transpose(mode, func, x, *args, **kwargs):
-    out = func(x, *args, **kwargs)
-    dims = [_arg(args, kwargs, 0, "dim0"), _arg(args, kwargs, 1, "dim1")]
-    dims = [d % x.dim() + 1 for d in dims]
-    return mode.track(out, mode.tangent(x).transpose(*dims))
-
-
-def _transpose_last(mode, func, x, *args, **kwargs):
-    if x.dim() > 2 and getattr(getattr(func, "__self__", None), "__name__", "") == "T":
-        raise Unsupported("no stacked-tangent rule for Tensor.T on more than two dimensions")
-    out = func(x, *args, **kwargs)
-    if x.dim() < 2:
-        return mode.track(out, mode.tangent(x))
-    return mode.track(out, mode.tangent(x).transpose(-1, -2))
-
-
-def _permute(mode, func, x, *dims, **kwargs):
-    out = func(x, *dims, **kwargs)
-    order = dims[0] if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
-    order = kwargs.get("dims", order)
-    return mode.track(out, mode.tangent(x).permute(0, *[d % x.dim() + 1 for d in order]))
-
-
-def _getitem(mode, func, x, index):
-    index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, list) and any(isinstance(j, (list, tuple)) for j in i) for i in index):
-        raise Unsupported("no stacked-tangent rule for indexing with nested lists")
-    advanced = [i for i in index if isinstance(i, (torch.Tensor, list))]
-    if len(advanced) > 1:
-        raise Unsupported("no stacked-tangent rule for indexing with several index tensors")
-    if any(mode._carries(i) for i in advanced):
-        raise Unsupported("no stacked-tangent rule for an index computed from the parameters")
-    out = func(x, index)
-    return mode.track(out, mode.tangent(x)[(slice(None), *index)])
-
-
-def _sum_or_mean(mode, func, x, *args, **kwargs):
-    out = func(x, *args, **kwargs)
-    tx = mode.tangent(x)
-    dim = _arg(args, kwargs, 0, "dim")
-    keepdim = bool(_arg(args, kwargs, 1, "keepdim", False))
-    reduce = torch.mean if func.__name__ == "mean" else torch.sum
-    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
-        tangent = reduce(tx.reshape(mode.count, -1), dim=1)
-    else:
-        dims = [dim] if isinstance(dim, int) else list(dim)
-        tangent = reduce(tx, dim=[d % max(x.dim(), 1) + 1 for d in dims], keepdim=keepdim)
-    return mode.track(out, tangent.to(out.dtype).reshape(mode.count, *out.shape))
-
-
-def _add_or_sub(sign: float, reflected: bool = False):
-    def rule(mode, func, a, b, *args, **kwargs):
-        out = func(a, b, *args, **kwargs)
-        alpha = _arg(args, kwargs, 0, "alpha", 1)
-        ta, tb = mode.tangent(a), mode.tangent(b)
-        if reflected:  # b - a
-            ta, tb = tb, ta
-        tangent = None if ta is None else _lift(ta, out.dim())
-        if tb is not None:
-            term = _lift(tb, out.dim()) * (sign * alpha)
-            tangent = term if tangent is None else tangent + term
-        return mode.track(out, tangent, fresh=tb is not None)
-
-    return rule
-
-
-def _mul(mode, func, a, b):
-    out = func(a, b)
-    ta, tb = mode.tangent(a), mode.tangent(b)
-    tangent = None if ta is None else _lift(ta, out.dim()) * b
-    if tb is not None:
-        term = a * _lift(tb, out.dim())
-        tangent = term if tangent is None else tangent + term
-    return mode.track(out, tangent)
-
-
-def _div(mode, func, a, b, *args, **kwargs):
-    if _arg(args, kwargs, 0, "rounding_mode") is not None:
-        raise Unsupported("no stacked-tangent rule for division with rounding")
-    out = func(a, b, *args, **kwargs)
-    ta, tb = mode.tangent(a), mode.tangent(b)
-    tangent = None if ta is None else _lift(ta, out.dim()) / b
-    if tb is not None:
-        term = -out / b * _lift(tb, out.dim())
-        tangent = term if tangent is None else tangent + term
-    return mode.track(out, tangent)
-
-
-def _rdiv(mode, func, a, b):  # b / a
-    out = func(a, b)
-    ta, tb = mode.tangent(a), mode.tangent(b)
-    tangent = None if ta is None else -out / a * _lift(ta, out.dim())
-    if tb is not None:
-        term = _lift(tb, out.dim()) / a
-        tangent = term if tangent is None else tangent + term
-    return mode.track(out, tangent)
-
-
-def _neg(mode, func, x):
-    return mode.track(func(x), -mode.tangent(x))
-
-
-def _pow(mode, func, x, exponent):
-    if isinstance(exponent, torch.Tensor) or mode.tangent(x) is None:
-        raise Unsupported("no stacked-tangent rule for pow with a tensor exponent")
-    out = func(x, exponent)
-    return mode.track(out, mode.tangent(x) * (exponent * x.pow(exponent - 1)))
-
-
-def _max_pool(mode, func, x, *args, **kwargs):
-    names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-    options = dict(zip(names, args))
-    options.update(kwargs)
-    wants_indices = options.pop("return_indices", func is F.max_pool2d_with_indices)
-    if options.get("stride") == ():  # torch.max_pool2d's default: the kernel size
-        options["stride"] = None
-    tx, count = mode.tangent(x), mode.count
-    slices = [slice(None)] if wants_indices or x.dim() == 3 else _batch_slices(x, 2)
-    if len(slices) == 1:
-        out, indices = F.max_pool2d(x, **options, return_indices=True)
-        mode.track(out, _gather_maxima(tx, indices, count), fresh=True)
-        return (out, indices) if wants_indices else out
-    # Big: the int64 indices of the whole batch would be an activation-sized temporary; pool
-    # again a slice at a time for the tangent instead.
-    out = F.max_pool2d(x, **options)
-    tangent = torch.empty((count, *out.shape), dtype=tx.dtype, device=tx.device)
-    for rows in slices:
-        _, indices = F.max_pool2d(x[rows], **options, return_indices=True)
-        tangent[:, rows] = _gather_maxima(tx[:, rows], indices, count)
-    return mode.track(out, tangent, fresh=True)
-
-
-def _gather_maxima(tx: torch.Tensor, indices: torch.Tensor, count: int) -> torch.Tensor:
-    """ẏ = ẋ at the position of each maximum, for every tangent."""
-    where = indices.flatten(-2).expand(count, *indices.shape[:-2], -1)
-    return _shaped(tx.flatten(-2).gather(-1, where), (count, *indices.shape))
-
-
-# Activation-sized temporaries above this are computed a slice of the batch at a time.
-TEMPORARY_BYTES = 32 * 2**20
-
-
-def _batch_slices(like: torch.Tensor, factor: int) -> list[slice]:
-    """Slices of dim 0 of ``like`` such that ``factor`` times a slice of it fits
-    ``TEMPORARY_BYTES`` (one slice, the whole batch, when all of it does)."""
-    total = factor * like.numel() * like.element_size()
-    pieces = min(-(-total // TEMPORARY_BYTES), like.shape[0])
-    if pieces <= 1:
-        return [slice(None)]
-    size = -(-like.shape[0] // pieces)
-    return [slice(start, start + size) for start in range(0, like.shape[0], size)]
-
-
-def _pooled(mode, func, x, *args, **kwargs):
-    """Pooling that is linear in its input (average pools): the same pool of each tangent."""
-    out = func(x, *args, **kwargs)
-    tx = mode.tangent(x)
-    batched = x.dim() == 4
-    tangent = func(tx.flatten(0, 1) if batched else tx, *args, **kwargs)
-    return mode.track(out, _shaped(tangent, (mode.count, *out.shape)), fresh=True)
-
-
-def _dropout(mode, func, x, p=0.5, training=True, inplace=False):
-    if inplace:
-        raise Unsupported("no stacked-tangent rule for in-place dropout")
-    tx = mode.tangent(x)
-    if not training or p == 0:
-        return mode.track(func(x, p, training), tx)
-    # The same mask for the primal and every tangent, drawn as ATen draws it on the CPU.
-    if x.device.type != "cpu" or p == 1:
-        raise Unsupported("no stacked-tangent rule for dropout off the CPU")
-    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
-    return mode.track(x * noise, _lift(tx, x.dim()) * noise)
-
-
-def _batch_norm(
-    mode,
-    func,
-    x,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
-):
-    if mode._carries((running_mean, running_var)):
-        raise Unsupported("no stacked-tangent rule for batch norm with trainable statistics")
-    out = func(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
-    count, channel_shape = mode.count, [1, -1] + [1] * (x.dim() - 2)
-    dims = [0] + list(range(2, x.dim()))
-    if training:
-        mean = x.mean(dims, keepdim=True)
-        inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
-    else:
-        mean = running_mean.view(channel_shape)
-        inv_std = torch.rsqrt(running_var.view(channel_shape) + eps)
-    normalized = (x - mean) * inv_std
-    scale = inv_std if weight is None else inv_std * weight.view(channel_shape)
-    tangent = _normalization_tangent(
-        tx,
-        None if tw is None else tw.view(count, *channel_shape),
-        None if tb is None else tb.view(count, *channel_shape),
-        normalized,
-        scale,
-        dims if training else None,  # in training the batch statistics move with x too
-    )
-    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
-
-
-def _normalization_tangent(tx, tw, tb, normalized, scale, moving_dims):
-    """The tangent of y = x̂ γ + β, x̂ = (x − μ) / σ: ẋ · scale (scale = γ / σ) plus ẇ x̂ + ḃ.
-
-    ``tw`` and ``tb`` are the affine tangents shaped to broadcast (None: constant). With
-    ``moving_dims``, μ and σ are x's statistics over those dims and move with it, so ẋ first
-    loses its mean and its component along x̂ there."""
-    tangent = None
-    if tx is not None:
-        if moving_dims is not None:
-            tdims = [d + 1 for d in moving_dims]
-            centred = tx - tx.mean(tdims, keepdim=True)
-            tx = centred - normalized * (centred * normalized).mean(tdims, keepdim=True)
-        tangent = tx * scale
-    for term in (None if tw is None else tw * normalized, tb):
-        if term is not None:
-            tangent = term if tangent is None else tangent + term
-    return tangent
-
-
-def _layer_norm(mode, func, x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    out = func(x, normalized_shape, weight, bias, eps)
-    tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
-    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
-    normalized = (x - mean) * inv_std
-    tangent = _normalization_tangent(
-        tx,
-        None if tw is None else _lift(tw, x.dim()),
-        None if tb is None else _lift(tb, x.dim()),
-        normalized,
-        inv_std if weight is None else inv_std * weight,
-        dims,  # the statistics always move with x
-    )
-    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
-
-
-def _embedding(mode, func, indices, weight, padding_idx=None, max_norm=None, *args, **kwargs):
-    if max_norm is not None:  # it renormalises the rows it looks up, in place
-        raise Unsupported("no stacked-tangent rule for embedding with max_norm")
-    if mode._carries(indices):
-        raise Unsupported("no stacked-tangent rule for embedding indices computed from parameters")
-    out = func(indices, weight, padding_idx, max_norm, *args, **kwargs)
-    blocks = mode.row_blocks(weight)
-    if blocks is None:
-        tw = mode.tangent(weight)  # the rows looked up, of every tangent
-        tangent = tw[:, indices] if tw is not None else None
-        # A 0-dim index selects a view of the table's tangent (.grad, for K = 1), not a copy.
-        return mode.track(out, tangent, fresh=tw is not None and indices.dim() > 0)
-    tangent = torch.empty((mode.count, *out.shape), dtype=out.dtype, device=out.device)
-    for start, stop, v in blocks:  # the looked-up rows that fall in each block of the table
-        inside = (indices >= start) & (indices < stop)
-        tangent[:, inside] = v[:, indices[inside] - start]
-    return mode.track(out, tangent, fresh=True)
-
-
-def _log_softmax(mode, func, x, *args, **kwargs):
-    out = func(x, *args, **kwargs)
-    dim = _arg(args, kwargs, 0, "dim")
-    if dim is None:
-        raise Unsupported("no stacked-tangent rule for log_softmax without dim")
-    tx, d = mode.tangent(x), dim % x.dim() + 1
-    return mode.track(out, tx - (tx * out.exp()).sum(d, keepdim=True))
-
-
-def _softmax(mode, func, x, *args, **kwargs):
-    out = func(x, *args, **kwargs)
-    dim = _arg(args, kwargs, 0, "dim")
-    if dim is None:
-        raise Unsupported("no stacked-tangent rule for softmax without dim")
-    tx, d = mode.tangent(x), dim % x.dim() + 1
-    return mode.track(out, out * (tx - (tx * out).sum(d, keepdim=True)))
-
-
-_LOSS_NAMES = ("target", "weight", "size_average", "ignore_index", "reduce", "reduction")
-
-
-def _loss_options(args, kwargs, names=_LOSS_NAMES) -> dict:
-    options = dict(zip(names, args))
-    options.update(kwargs)
-    if options.get("size_average") is not None or options.get("reduce") is not None:
-        raise Unsupported("no stacked-tangent rule for the deprecated size_average/reduce")
-    return options
-
-
-def _reduce_loss(per_item: torch.Tensor, reduction: str, divisor) -> torch.Tensor:
-    flat = per_item.reshape(per_item.shape[0], -1)
-    if reduction == "none":
-        return per_item
-    total = flat.sum(1)
-    return total / divisor if reduction == "mean" else total
-
-
-def _class_log_likelihood_tangent(mode, tlogp, target, options):
-    """ẏ of nll_loss for log-probabilities whose tangent is ``tlogp`` (K, N, C, ...)."""
-    if mode._carries(target) or options.get("weight") is not None:
-        raise Unsupported("no stacked-tangent rule for weighted or parameter-dependent targets")
-    ignore = options.get("ignore_index", -100)
-    reduction = options.get("reduction", "mean")
-    if target.is_floating_point():  # class probabilities
-        per_item = -(tlogp * target).sum(2 if tlogp.dim() > 2 else 1)
-        divisor = per_item[0].numel()
-    else:
-        valid = target != ignore
-        index = torch.where(valid, target, 0).unsqueeze(1 if target.dim() > 0 else 0)
-        index = index.expand(mode.count, *index.shape)
-        class_dim = 2 if tlogp.dim() > 2 or target.dim() > 0 else 1
-        per_item = -tlogp.gather(class_dim, index).squeeze(class_dim) * valid
-        divisor = valid.sum()
-    return _reduce_loss(per_item, reduction, divisor)
-
-
-def _nll_loss(mode, func, logp, *args, **kwargs):
-    options = _loss_options(args, kwargs)
-    out = func(logp, *args, **kwargs)
-    tangent = _class_log_likelihood_tangent(mode, mode.tangent(logp), options["target"], options)
-    return mode.track(out, tangent)
-
-
-def _cross_entropy(mode, func, logits, *args, **kwargs):
-    options = _loss_options(args, kwargs, (*_LOSS_NAMES, "label_smoothing"))
-    if options.get("label_smoothing", 0.0):
-        raise Unsupported("no stacked-tangent rule for cross-entropy with label smoothing")
-    out = func(logits, *args, **kwargs)
-    class_dim = 1 if logits.dim() > 1 else 0
-    logp = torch.log_softmax(logits, class_dim)
-    tx = mode.tangent(logits)
-    tlogp = tx - (tx * logp.exp()).sum(class_dim + 1, keepdim=True)
-    tangent = _class_log_likelihood_tangent(mode, tlogp, options["target"], options)
-    return mode.track(out, tangent)
-
-
-def _mse_loss(mode, func, x, target, *args, **kwargs):
-    options = _loss_options(args, kwargs, ("size_average", "reduce", "reduction", "weight"))
-    if options.get("weight") is not None:
-        raise Unsupported("no stacked-tangent rule for weighted mse_loss")
-    out = func(x, target, *args, **kwargs)
-    difference = x - target
-    tangent = None
-    for t, sign in ((mode.tangent(x), 2.0), (mode.tangent(target), -2.0)):
-        if t is not None:
-            term = _lift(t, difference.dim()) * (sign * difference)
-            tangent = term if tangent is None else tangent + term
-    reduction = options.get("reduction", "mean")
-    if reduction != "none":
-        tangent = tangent.reshape(mode.count, -1)
-        tangent = tangent.mean(1) if reduction == "mean" else tangent.sum(1)
-    return mode.track(out, tangent)
-
-
-def _rules() -> dict:
-    def functions(*names: str, owners=(torch, torch.Tensor, F)) -> list:
-        found = []
-        for name in names:
-            for owner in owners:
-                f = getattr(owner, name, None)
-                if callable(f) and f not in found:
-                    found.append(f)
-        return found
-
-    tensor_methods = (torch.Tensor,)
-    table: list[tuple[list, Callable]] = [
-        (functions("linear"), _linear),
-        (functions("conv1d", "conv2d", "conv3d"), _convolution),
-        (functions("matmul", "mm", "bmm", "__matmul__"), _matmul),
-        (functions("relu", "relu_"), _relu),
-        (functions("tanh"), _scaled(lambda x, y: 1 - y * y)),
-        (functions("sigmoid"), _scaled(lambda x, y: y * (1 - y))),
-        (functions("gelu"), _scaled(_gelu_derivative)),
-        (functions("silu"), _scaled(_silu_derivative)),
-        (functions("leaky_relu"), _scaled(_leaky_relu_derivative)),
-        (functions("exp"), _scaled(lambda x, y: y)),
-        (functions("log"), _scaled(lambda x, y: 1 / x)),
-        (functions("sqrt"), _scaled(lambda x, y: 0.5 / y)),
-        (functions("reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "clone"), _reshaped),
-        (
-            functions("view", "contiguous", "view_as", "reshape_as", owners=tensor_methods),
-            _reshaped,
-        ),
-        (functions("to", "float", "double", "half", "bfloat16", owners=tensor_methods), _to),
-        (functions("transpose", "swapaxes"), _transpose),
-        (functions("t"), _transpose_last),
-        (functions("permute"), _permute),
-        (functions("__getitem__", owners=tensor_methods), _getitem),
-        (functions("sum", "mean"), _sum_or_mean),
-        (functions("cat", "concat", "concatenate", "stack"), _concatenate),
-        (functions("add", "__add__", "__radd__"), _add_or_sub(1.0)),
-        (functions("sub", "__sub__"), _add_or_sub(-1.0)),
-        (functions("__rsub__"), _add_or_sub(-1.0, reflected=True)),
-        (functions("mul", "__mul__", "__rmul__"), _mul),
-        (functions("div", "__truediv__"), _div),
-        (functions("__rtruediv__"), _rdiv),
-        (functions("neg", "__neg__"), _neg),
-        (functions("pow", "__pow__"), _pow),
-        ([torch.max_pool2d, F.max_pool2d, F.max_pool2d_with_indices], _max_pool),
-        (functions("avg_pool2d", "adaptive_avg_pool2d", owners=(F,)), _pooled),
-        ([F.dropout], _dropout),
-        ([F.batch_norm], _batch_norm),
-        ([F.layer_norm], _layer_norm),
-        ([F.embedding], _embedding),
-        (functions("log_softmax"), _log_softmax),
-        (functions("softmax"), _softmax),
-        ([F.nll_loss], _nll_loss),
-        ([F.cross_entropy], _cross_entropy),
-        ([F.mse_loss], _mse_loss),
-    ]
-    return {f: rule for funcs, rule in table for f in funcs}
-
-
-_RULES = _rules()
-_IN_PLACE_RELU = frozenset(f for f in (torch.relu_, torch.Tensor.relu_, F.relu_) if f is not None)
+    Raises:
+        Unsupported: the closure did something the stacked evaluation cannot follow.
+        TangentReused: with ``reuse``, a relu input's tangent was read after relu reused it;
+            the caller rewinds and runs again without ``reuse``.
+    """
+    mode = StackedTangents(source, reuse)
+    mode.boundary = sys._getframe()
+    with mode:
+        value = closure()
+        tangent = mode.tangent(value) if isinstance(value, torch.Tensor) else None
+    return value, tangent, mode

@@ -5,8 +5,8 @@ Baydin et al. 2022, Algorithm 1, for each step:
     v_1..v_K ~ p(v),   d_k = ∇L(θ)·v_k (forward-mode AD),   θ ← θ − (η/K) Σ_k d_k v_k.
 
 Each parameter's tangents are a pure function of the step's seed and the parameter's position
-(``tangents.parameter_tangents``). They are drawn when the parameter's layer runs (through
-``fast_paths``) and dropped after it; once the d_k are known each v_k is drawn again, one
+(``tangents.parameter_tangents``). They are drawn when the parameter's layer runs (the derivative
+engine's fast path) and dropped after it; once the d_k are known each v_k is drawn again, one
 parameter at a time, and added to the parameter in place; a weight or embedding table above
 ``tangents.CHUNK`` values is drawn a block of rows at a time, in both places. So the step's
 memory is that of inference plus one small parameter's tangents or one block, as for MeZO's
@@ -16,19 +16,16 @@ zeroth-order SGD (Malladi et al. 2023), but with exact directional derivatives.
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from forwardgrad import tangents as tg
-from forwardgrad.estimators import (
-    ForwardGradient,
-    _check_finite,
-    _trainable,
-)
-from forwardgrad.jvp import stacked as fp
+from forwardgrad.errors import ConfigurationError
+from forwardgrad.estimators.base import trainable
+from forwardgrad.estimators.forward import ForwardGradient
+from forwardgrad.seeds import draw_seed
 
 
 class ForwardSGD(torch.optim.Optimizer):
@@ -37,8 +34,9 @@ class ForwardSGD(torch.optim.Optimizer):
     θ ← θ − η · (1/K) Σ_k d_k v_k with d_k = ∇L·v_k; see the module docstring for the memory
     argument. ``closure()`` returns the scalar loss computed with ``model`` and must not call
     ``backward()``. BatchNorm statistics are updated once per step and Dropout draws one mask.
-    When the model uses an operation that ``fast_paths`` has no rule for, the step falls back
-    to the general forward-mode path, which holds the whole tangent for that step.
+    When the fast path cannot run the model, the step takes the general forward-mode path, which
+    holds one parameter's whole tangent at a time. ``last_path`` and ``last_fallback`` say which
+    path the latest step took, as for ``ForwardGradient``.
 
     It is a ``torch.optim.Optimizer``: learning-rate schedulers work on it, and ``state_dict``
     carries the tangent generator's state, so a resumed run draws the same tangents.
@@ -49,6 +47,7 @@ class ForwardSGD(torch.optim.Optimizer):
       tangents: K >= 1 directions averaged per step.
       distribution: ``"normal"`` or ``"rademacher"``.
       seed: seeds the tangents; ``None`` draws one from torch's global generator.
+      fast: as for ``ForwardGradient``.
     """
 
     def __init__(
@@ -58,6 +57,7 @@ class ForwardSGD(torch.optim.Optimizer):
         tangents: int = 1,
         distribution: str = "normal",
         seed: int | None = None,
+        fast: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -66,13 +66,22 @@ class ForwardSGD(torch.optim.Optimizer):
             )
         number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
         if not number or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"lr must be a positive finite number (e.g. 1e-3), got {lr!r}.")
-        tg.check_distribution(distribution, fp.DISTRIBUTIONS)
-        _, params = _trainable(model)
+            raise ConfigurationError(
+                f"lr must be a positive finite number (e.g. 1e-3), got {lr!r}."
+            )
+        tg.check_distribution(distribution, tg.STREAMABLE)
+        params = trainable(model)
         super().__init__(params, {"lr": float(lr)})
         self.model = model
-        self.estimator = ForwardGradient(tangents, distribution, "mean", seed)
-        self._general: weakref.WeakSet = weakref.WeakSet()
+        self.estimator = ForwardGradient(tangents, distribution, "mean", seed, fast)
+
+    @property
+    def last_path(self) -> str | None:
+        return self.estimator.last_path
+
+    @property
+    def last_fallback(self) -> str | None:
+        return self.estimator.last_fallback
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """One forward-gradient step; returns the loss before the update, detached."""
@@ -84,38 +93,14 @@ class ForwardSGD(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         rates = [group["lr"] for group in self.param_groups for _ in group["params"]]
         estimator = self.estimator
-        seed = tg.draw_seed(estimator.generator(params[0].device))
-        source = fp.DrawnTangents(params, estimator.tangents, estimator.distribution, seed)
-        loss, derivatives = self._derivatives(closure, source)
-        _check_finite(loss, derivatives)
+        seed = draw_seed(estimator.generator(params[0].device))
+        source = tg.DrawnTangents(params, estimator.tangents, estimator.distribution, seed)
+        loss, derivatives = estimator.derivatives(self.model, closure, source)
         coefficients = tg.mean_coefficients(derivatives).tolist()
         with torch.no_grad():
             for index, (p, lr) in enumerate(zip(params, rates)):
-                blocks = source.row_blocks(index)  # a large weight: a block of rows at a time
-                if blocks is not None:
-                    for start, stop, v in blocks:
-                        for k, c in enumerate(coefficients):
-                            p[start:stop].add_(v[k], alpha=-lr * c)
-                    continue
-                tangent = torch.empty_like(p, memory_format=torch.contiguous_format)
-                for k, c in enumerate(coefficients):
-                    tg.fill_tangent(tangent, source.distribution, seed, index, k)
-                    p.add_(tangent, alpha=-lr * c)
+                source.accumulate(index, p, coefficients, alpha=-lr)
         return loss
-
-    def _derivatives(
-        self, closure: Callable[[], torch.Tensor], source: fp.DrawnTangents
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        estimator, model = self.estimator, self.model
-        params, count, distribution = source.params, source.count, source.distribution
-        if model not in self._general:
-            key = ("ForwardSGD", count == 1, distribution)  # drawn tangents, row blocks
-            fast = estimator.fast_derivatives(model, closure, source, key, self._general)
-            if fast is not None:
-                loss, derivatives = fast
-                return loss.detach(), derivatives
-        directions = [source.draw(i) for i in range(len(params))]
-        return estimator.directional_derivatives(model, closure, params, directions)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

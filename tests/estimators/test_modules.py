@@ -26,14 +26,15 @@ def check_directional_derivatives(model, closure, dtype, tangents=3, seed=0):
     exact = torch.cat([p.grad.reshape(-1) for p in params])
     model.load_state_dict(state)
 
-    estimator = fg.ForwardGradient(tangents, seed=seed)
-    directions = estimator.sample(params)
-    torch.manual_seed(seed)
-    _, derivatives = estimator.directional_derivatives(model, closure, params, directions)
-    flat = torch.cat([v.reshape(tangents, -1) for v in directions], dim=1)
+    source = fg.ForwardGradient(tangents, seed=seed).source(params)
+    flat = torch.cat([v.reshape(tangents, -1) for v in source.dense()], dim=1)
     expected = flat.to(exact.dtype) @ exact
     scale = expected.abs().max().clamp_min(1.0)
-    assert torch.allclose(derivatives, expected, rtol=0, atol=TOLERANCE[dtype] * scale.item())
+    for fast in (True, False):  # the fast path (where it runs) and the general path
+        model.load_state_dict(state)
+        torch.manual_seed(seed)
+        derivatives = fg.directional_derivatives(model, closure, source, fast=fast).derivatives
+        assert torch.allclose(derivatives, expected, rtol=0, atol=TOLERANCE[dtype] * scale.item())
     return derivatives
 
 
@@ -229,12 +230,23 @@ def test_buffers_and_eval_mode():
     )
 
 
+class _GridSample(nn.Module):
+    """Resamples its input on a fixed grid: grid_sampler_2d has no forward-mode formula."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("grid", torch.rand(1, 3, 3, 2) * 2 - 1)
+
+    def forward(self, x):
+        grid = self.grid.expand(x.shape[0], -1, -1, -1)
+        return F.grid_sample(x, grid, align_corners=False).flatten(1)
+
+
 def test_unsupported_operation_names_the_op_and_the_module():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.EmbeddingBag(10, 4, mode="mean"), nn.Linear(4, 3))
-    tokens = torch.randint(0, 10, (5, 3))
-    closure = classification(model, tokens)
-    with pytest.raises(EstimatorError, match=r"'_embedding_bag' in module 0 \(EmbeddingBag\)"):
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), _GridSample(), nn.Linear(18, 3))
+    closure = classification(model, torch.randn(5, 1, 6, 6))
+    with pytest.raises(EstimatorError, match=r"'grid_sampler_2d' in module 1 \(_GridSample\)"):
         fg.ForwardGradient(seed=0).estimate(model, closure)
     assert all(type(p) is nn.Parameter for p in model.parameters())
     # The same model works with the other estimators.

@@ -1,0 +1,124 @@
+"""Routes around operations that PyTorch cannot differentiate in forward mode.
+
+Both derivative paths evaluate with ``forward_mode_context()`` and look every call up in
+``COMPOSITES`` and ``CONTEXTS`` first:
+
+- attention goes to the math kernel of ``scaled_dot_product_attention`` (the fused CPU and
+  CUDA kernels have no forward-mode formula), and ``nn.MultiheadAttention``'s fused inference
+  path is switched off;
+- recurrent layers (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) run
+  with oneDNN off, whose ``mkldnn_rnn_layer`` kernel has no formula (PyTorch's own cells do);
+- ``torch._weight_norm`` (``weight_norm`` parametrisations) is computed as v·g/‖v‖;
+- ``F.embedding_bag`` is computed as an embedding lookup followed by a reduction per bag.
+
+Each route computes the same function as the operation it replaces (tested against autograd).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+try:  # The math kernel is the one attention kernel with forward-mode formulas on every device.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _attention_with_forward_ad() -> contextlib.AbstractContextManager:
+        return sdpa_kernel([SDPBackend.MATH])
+
+except ImportError:  # pragma: no cover - older torch
+
+    def _attention_with_forward_ad() -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _without_mha_fastpath() -> Iterator[None]:
+    # nn.MultiheadAttention's inference fast path is a fused kernel with no forward-mode formula.
+    backend = getattr(torch.backends, "mha", None)
+    if backend is None:
+        yield
+        return
+    enabled = backend.get_fastpath_enabled()
+    backend.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        backend.set_fastpath_enabled(enabled)
+
+
+@contextlib.contextmanager
+def forward_mode_context() -> Iterator[None]:
+    """No graph, attention on the math kernel, no fused MHA path: where both paths evaluate."""
+    with torch.no_grad(), _attention_with_forward_ad(), _without_mha_fastpath():
+        yield
+
+
+def weight_norm(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """w = g · v / ‖v‖, the norm over every dimension but ``dim`` (all of them for dim = -1)."""
+    if dim == -1:
+        return v * (g / v.norm())
+    dims = [d for d in range(v.dim()) if d != dim % v.dim()]
+    return v * (g / v.norm(2, dim=dims, keepdim=True))
+
+
+def embedding_bag(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    mode: str = "mean",
+    sparse: bool = False,
+    per_sample_weights: torch.Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+) -> torch.Tensor:
+    """``F.embedding_bag`` as ``F.embedding`` and a sum, mean or max per bag."""
+    if max_norm is not None:
+        raise NotImplementedError("embedding_bag with max_norm has no forward-mode route")
+    if input.dim() == 2:
+        bags = torch.arange(input.shape[0], device=input.device).repeat_interleave(input.shape[1])
+        count, indices = input.shape[0], input.reshape(-1)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    else:
+        starts = offsets[:-1] if include_last_offset else offsets
+        count, indices = starts.numel(), input
+        lengths = torch.diff(torch.cat([starts, starts.new_tensor([input.numel()])]))
+        bags = torch.arange(count, device=input.device).repeat_interleave(lengths)
+    rows = F.embedding(indices, weight)
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    if padding_idx is not None:
+        keep = indices != padding_idx % weight.shape[0]
+    rows = rows * keep.unsqueeze(1).to(rows.dtype)
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(1)
+    out = rows.new_zeros((count, weight.shape[1]))
+    if mode == "max":
+        filled = torch.where(keep.unsqueeze(1), rows, torch.full_like(rows, float("-inf")))
+        out = out.index_reduce(0, bags, filled, "amax", include_self=False)
+        return torch.where(torch.isinf(out), torch.zeros_like(out), out)
+    out = out.index_add(0, bags, rows)
+    if mode == "mean":
+        sizes = torch.zeros(count, dtype=rows.dtype, device=rows.device)
+        sizes = sizes.index_add(0, bags, keep.to(rows.dtype))
+        out = out / sizes.clamp_min(1).unsqueeze(1)
+    return out
+
+
+# Operations computed by a composite of differentiable operations instead.
+COMPOSITES: dict[Callable, Callable] = {
+    torch._weight_norm: weight_norm,
+    F.embedding_bag: embedding_bag,
+}
+
+# Operations that need another kernel: the context to call them in.
+CONTEXTS: dict[Callable, Callable[[], contextlib.AbstractContextManager]] = {}
+for _name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+    _function = getattr(torch, _name, None)
+    if _function is not None:
+        CONTEXTS[_function] = lambda: torch.backends.mkldnn.flags(enabled=False)

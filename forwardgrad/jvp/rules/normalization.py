@@ -1,0 +1,101 @@
+"""Rules for batch and layer normalisation: y = x̂ γ + β with x̂ = (x − μ) / σ.
+
+With statistics computed from x (batch norm in training, layer norm always) μ and σ move with
+x, so the tangent of x̂ is (ẋ − mean ẋ − x̂ · mean(ẋ x̂)) / σ over the normalised dimensions; with
+running statistics (batch norm in evaluation) it is ẋ / σ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from forwardgrad.jvp.rules.registry import Decline, lift, randn, rule
+
+
+def normalization_tangent(tx, tw, tb, normalized, scale, moving_dims):
+    """The tangent of y = x̂ γ + β, x̂ = (x − μ) / σ: ẋ · scale (scale = γ / σ) plus ẇ x̂ + ḃ.
+
+    ``tw`` and ``tb`` are the affine tangents shaped to broadcast (None: constant). With
+    ``moving_dims``, μ and σ are x's statistics over those dims and move with it, so ẋ first
+    loses its mean and its component along x̂ there."""
+    tangent = None
+    if tx is not None:
+        if moving_dims is not None:
+            tdims = [d + 1 for d in moving_dims]
+            centred = tx - tx.mean(tdims, keepdim=True)
+            tx = centred - normalized * (centred * normalized).mean(tdims, keepdim=True)
+        tangent = tx * scale
+    for term in (None if tw is None else tw * normalized, tb):
+        if term is not None:
+            tangent = term if tangent is None else tangent + term
+    return tangent
+
+
+def _batch_norm_samples(dtype):
+    x = randn(4, 3, 5, 5, dtype=dtype)
+    mean, var = randn(3, dtype=dtype), randn(3, dtype=dtype, positive=True)
+    weight, bias = randn(3, dtype=dtype), randn(3, dtype=dtype)
+    yield (x, mean.clone(), var.clone(), weight, bias, True), {}
+    yield (x, mean.clone(), var.clone(), weight, bias, False), {}
+    yield (randn(6, 3, dtype=dtype), mean.clone(), var.clone()), {"training": True}
+
+
+@rule("batch_norm", samples=_batch_norm_samples, owners=(F,), constant=(1, 2))
+def batch_norm(
+    mode, func, x, running_mean, running_var, weight=None, bias=None, training=False, **options
+):
+    """y = x̂ γ + β:  ẏ = γ/σ (ẋ − mean ẋ − x̂ mean(ẋ x̂)) + γ̇ x̂ + β̇ in training (batch
+    statistics), γ/σ ẋ + γ̇ x̂ + β̇ with running statistics."""
+    if mode.carries((running_mean, running_var)):
+        raise Decline("batch norm with statistics that carry tangents")
+    momentum, eps = options.get("momentum", 0.1), options.get("eps", 1e-5)
+    use_batch = training or running_mean is None
+    out = func(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
+    count, channel_shape = mode.count, [1, -1] + [1] * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
+    if use_batch:
+        mean = x.mean(dims, keepdim=True)
+        inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    else:
+        mean = running_mean.view(channel_shape)
+        inv_std = torch.rsqrt(running_var.view(channel_shape) + eps)
+    normalized = (x - mean) * inv_std
+    scale = inv_std if weight is None else inv_std * weight.view(channel_shape)
+    tangent = normalization_tangent(
+        tx,
+        None if tw is None else tw.view(count, *channel_shape),
+        None if tb is None else tb.view(count, *channel_shape),
+        normalized,
+        scale,
+        dims if use_batch else None,  # batch statistics move with x too
+    )
+    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
+
+
+def _layer_norm_samples(dtype):
+    x = randn(2, 3, 6, dtype=dtype)
+    yield (x, (6,), randn(6, dtype=dtype), randn(6, dtype=dtype)), {}
+    yield (x, (3, 6)), {}
+    yield (x, [6]), {"weight": randn(6, dtype=dtype), "eps": 1e-3}
+
+
+@rule("layer_norm", samples=_layer_norm_samples, owners=(F,))
+def layer_norm(mode, func, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """y = x̂ γ + β over the last dimensions:  ẏ = γ/σ (ẋ − mean ẋ − x̂ mean(ẋ x̂)) + γ̇ x̂ + β̇."""
+    out = func(x, normalized_shape, weight, bias, eps)
+    tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
+    normalized = (x - mean) * inv_std
+    tangent = normalization_tangent(
+        tx,
+        None if tw is None else lift(tw, x.dim()),
+        None if tb is None else lift(tb, x.dim()),
+        normalized,
+        inv_std if weight is None else inv_std * weight,
+        dims,  # the statistics always move with x
+    )
+    return mode.track(out, tangent, fresh=tx is not None or tw is not None)
