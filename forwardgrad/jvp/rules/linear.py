@@ -102,6 +102,7 @@ def _matmul_samples(dtype):
     yield (randn(3, 4, dtype=dtype), randn(4, 5, dtype=dtype)), {}
     yield (randn(2, 3, 4, dtype=dtype), randn(2, 4, 5, dtype=dtype)), {}
     yield (randn(2, 3, 4, dtype=dtype), randn(4, dtype=dtype)), {}
+    yield (randn(4, 5, dtype=dtype), randn(3, 4, dtype=dtype)), {}  # for b.__rmatmul__(a)
 
 
 @rule("matmul", "mm", "bmm", operator="matmul", reflected=True, samples=_matmul_samples)
@@ -123,13 +124,15 @@ def _conv_samples(dtype):
     yield (x, w), {"stride": 2}
     yield (randn(3, 6, 6, dtype=dtype), w, randn(4, dtype=dtype)), {}
     yield (randn(2, 4, 6, 6, dtype=dtype), randn(4, 1, 3, 3, dtype=dtype)), {"groups": 4}
+    yield (randn(2, 4, 6, 6, dtype=dtype), randn(6, 2, 3, 3, dtype=dtype)), {"groups": 2}
+    yield (randn(2, 3, 8, dtype=dtype), randn(4, 3, 3, dtype=dtype), randn(4, dtype=dtype)), {}
+    yield (randn(2, 4, 8, dtype=dtype), randn(4, 1, 3, dtype=dtype)), {"groups": 4}
+    yield (randn(1, 2, 4, 4, 4, dtype=dtype), randn(3, 2, 2, 2, 2, dtype=dtype)), {}
 
 
 @rule("conv1d", "conv2d", "conv3d", samples=_conv_samples, owners=(torch, F))
 def convolution(mode, func, x, weight, bias=None, *args, **kwargs):
     """y = x ⊛ W + b:  ẏ = ẋ ⊛ W + x ⊛ Ẇ + ḃ (K·B tangent images, K·C_out filters)."""
-    if mode.tangent(weight) is not None and arg(args, kwargs, 3, "groups", 1) != 1:
-        raise Decline("a grouped convolution's weight tangent")
     out = func(x, weight, bias, *args, **kwargs)
     tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
     count, batched = mode.count, x.dim() == weight.dim()
@@ -155,10 +158,8 @@ def convolution(mode, func, x, weight, bias=None, *args, **kwargs):
             fresh = tangent is None
             if fresh:
                 tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
-            filters = tw.flatten(0, 1)
             for rows in slices:
-                stacked = func(x[rows], filters, None, *args, **kwargs)
-                stacked = stacked.unflatten(1, (count, -1)).transpose(0, 1)
+                stacked = _weight_tangent_images(func, x[rows], tw, args, kwargs)
                 target = tangent[:, rows]
                 target.copy_(stacked) if fresh else target.add_(stacked)
     if tb is not None:
@@ -177,13 +178,23 @@ def _convolution_tangent(func, x, tx, weight, tw, count, args, kwargs) -> torch.
         images = func(tx.flatten(0, 1) if batched else tx, weight, None, *args, **kwargs)
         result = shaped(images, (count, *([x.shape[0]] if batched else []), *images.shape[1:]))
     if tw is not None:
-        stacked = func(x, tw.flatten(0, 1), None, *args, **kwargs)  # (B, K·C_out, ...)
-        if batched:
-            stacked = stacked.unflatten(1, (count, -1)).transpose(0, 1)
-        else:
-            stacked = stacked.unflatten(0, (count, -1))
+        stacked = _weight_tangent_images(func, x, tw, args, kwargs)
         result = stacked.contiguous() if result is None else result.add_(stacked)
     return result
+
+
+def _weight_tangent_images(func, x, tw, args, kwargs) -> torch.Tensor:
+    """x ⊛ V_k for all k, shape (K, B, C_out, ...): one convolution with the K weight tangents
+    as K·C_out filters, ordered group by group so that each group's K copies see its inputs."""
+    count, groups = tw.shape[0], arg(args, kwargs, 3, "groups", 1)
+    batched = x.dim() == tw.dim() - 1
+    per_group = tw.shape[1] // groups
+    filters = tw.unflatten(1, (groups, per_group)).transpose(0, 1).flatten(0, 2)
+    images = func(x, filters, None, *args, **kwargs)  # (B, groups·K·per_group, ...)
+    channel = 1 if batched else 0
+    images = images.unflatten(channel, (groups, count, per_group))
+    images = images.movedim(channel + 1, 0)  # (K, [B], groups, per_group, ...)
+    return images.flatten(channel + 1, channel + 2)
 
 
 def _embedding_samples(dtype):

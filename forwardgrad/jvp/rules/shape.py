@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from forwardgrad.jvp.rules.registry import Decline, arg, randn, rule
+from forwardgrad.jvp.rules.registry import Decline, arg, lift, randn, rule
 
 _TENSOR = (torch.Tensor,)
 
@@ -84,6 +84,7 @@ def _same_elements(mode, func, x, *args, **kwargs):
 
 
 def _to_samples(dtype):
+    yield (randn(2, 3, dtype=dtype),), {}
     yield (randn(2, 3, dtype=dtype), torch.float32), {}
     yield (randn(2, 3, dtype=dtype),), {"dtype": torch.float64}
 
@@ -151,7 +152,7 @@ def _expand_samples(dtype):
 def expand(mode, func, x, *sizes):
     """y = x broadcast to a shape:  ẏ = ẋ broadcast alike (a view, no copy)."""
     out = func(x, *sizes)
-    return mode.track(out, mode.tangent(x).expand(mode.count, *out.shape))
+    return mode.track(out, lift(mode.tangent(x), out.dim()).expand(mode.count, *out.shape))
 
 
 def _getitem_samples(dtype):
