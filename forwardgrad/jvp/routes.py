@@ -9,7 +9,9 @@ Both derivative paths evaluate with ``forward_mode_context()`` and look every ca
 - recurrent layers (``torch.lstm``, ``torch.gru``, ``torch.rnn_tanh``, ``torch.rnn_relu``) run
   with oneDNN off, whose ``mkldnn_rnn_layer`` kernel has no formula (PyTorch's own cells do);
 - ``torch._weight_norm`` (``weight_norm`` parametrisations) is computed as v·g/‖v‖;
-- ``F.embedding_bag`` is computed as an embedding lookup followed by a reduction per bag.
+- ``F.embedding_bag`` is computed as an embedding lookup followed by a reduction per bag;
+- packing a padded batch of sequences (``pack_padded_sequence``) is computed by slicing and
+  concatenating the time steps.
 
 Each route computes the same function as the operation it replaces (tested against autograd).
 """
@@ -110,10 +112,25 @@ def embedding_bag(
     return out
 
 
+def pack_padded_sequence(
+    input: torch.Tensor, lengths: torch.Tensor, batch_first: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch._pack_padded_sequence``: the time steps of sequences sorted by decreasing length,
+    each cut to the sequences still running, one after another; and how many run at each."""
+    steps = input.transpose(0, 1) if batch_first else input
+    lengths = lengths.to("cpu", torch.int64)
+    if lengths.numel() and bool((lengths[:-1] < lengths[1:]).any()):
+        raise ValueError("lengths must be sorted in decreasing order (enforce_sorted)")
+    batch_sizes = torch.stack([(lengths > t).sum() for t in range(int(lengths[0]))])
+    data = torch.cat([steps[t, : int(n)] for t, n in enumerate(batch_sizes)])
+    return data, batch_sizes
+
+
 # Operations computed by a composite of differentiable operations instead.
 COMPOSITES: dict[Callable, Callable] = {
     torch._weight_norm: weight_norm,
     F.embedding_bag: embedding_bag,
+    torch._pack_padded_sequence: pack_padded_sequence,
 }
 
 # Operations that need another kernel: the context to call them in.
