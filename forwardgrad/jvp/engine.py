@@ -8,8 +8,9 @@ value with the K directional derivatives d_k = ∇value·v_k along the source's 
 - the *general path* (``jvp.general``): PyTorch's dual tensors, one evaluation per tangent,
 
 and says which one ran. The fast path is checked against the general path the first time a
-model is used in each setting (train or eval mode, K = 1 or more, a scalar or a vector value);
-a model the fast path cannot run
+model is used in each setting (train or eval mode, K = 1 or more, a scalar or a vector value),
+and every rule it runs is checked alone in float64 on a slice of its inputs (``rule_check``); a
+model the fast path cannot run
 or that fails the check takes the general path from then on, with the reason reported once
 through ``warnings`` and kept in ``Directional.fallback``.
 """
@@ -122,11 +123,12 @@ def directional_derivatives(
 
 
 def _fast(model, closure, source, state, replay, vector) -> Directional:
-    value, tangent = _stacked(model, closure, source, state, replay)
+    key = (model.training, source.count == 1, type(source).__name__, vector)
+    first = key not in state.verified
+    value, tangent = _stacked(model, closure, source, state, replay, check_rules=first)
     value = checks.check_value(value, vector)
     derivatives = _derivatives(value, tangent, source.count)
-    key = (model.training, source.count == 1, type(source).__name__, vector)
-    if key not in state.verified and bool(torch.isfinite(derivatives).all()):
+    if first and bool(torch.isfinite(derivatives).all()):
         reference = _reference(model, closure, source, replay)
         checked = reference is not None and bool(torch.isfinite(reference).all())
         if checked:  # (non-finite numbers say nothing either way)
@@ -137,15 +139,15 @@ def _fast(model, closure, source, state, replay, vector) -> Directional:
     return Directional(value, derivatives, FAST, None)
 
 
-def _stacked(model, closure, source, state, replay):
+def _stacked(model, closure, source, state, replay, check_rules):
     if not state.keeps_relu_inputs:
         try:
-            value, tangent, _ = stacked_derivatives(closure, source, reuse=True)
+            value, tangent, _ = stacked_derivatives(closure, source, True, check_rules)
             return value, tangent
         except TangentReused:
             state.keeps_relu_inputs = True
             _reset(source, replay)
-    value, tangent, _ = stacked_derivatives(closure, source, reuse=False)
+    value, tangent, _ = stacked_derivatives(closure, source, False, check_rules)
     return value, tangent
 
 

@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from forwardgrad.jvp import rule_check
 from forwardgrad.jvp.routes import COMPOSITES, CONTEXTS
 from forwardgrad.jvp.rules import IN_PLACE, RULES, Decline
 from forwardgrad.tangents.sources import TangentSource
@@ -77,11 +78,17 @@ class StackedTangents(TorchFunctionMode):
     Args:
         source: where parameter i's tangents come from (``source(i)``, shape ``(K, *shape)``).
         reuse: may relu write its output's tangent over its input's (see ``reusable``)?
+        check_rules: check each rule, the first time it runs on inputs of a kind, against
+            PyTorch's formula on a float64 slice of them (``jvp.rule_check``).
     """
 
-    def __init__(self, source: TangentSource, reuse: bool = False) -> None:
+    def __init__(
+        self, source: TangentSource, reuse: bool = False, check_rules: bool = False
+    ) -> None:
         super().__init__()
         self.source, self.count, self.reuse = source, source.count, reuse
+        self.check_rules = check_rules  # check each rule's first use (``jvp.rule_check``)
+        self._checked: set = set()
         self._index = {id(p): i for i, p in enumerate(source.params)}
         self._tangents = WeakIdKeyDictionary()
         # Tensors whose tangent a rule allocated for them alone (not a view of another
@@ -276,7 +283,7 @@ class StackedTangents(TorchFunctionMode):
         rule = RULES.get(func)
         if rule is not None and rule.in_place:  # it writes in place itself (relu)
             try:
-                return rule.apply(self, func, *args, **kwargs)
+                return self._rule(rule, func, args, kwargs)
             except Decline:
                 pass
         in_place = _out_of_place(func, args, kwargs)
@@ -288,7 +295,7 @@ class StackedTangents(TorchFunctionMode):
             return self._setitem(func, *args)
         if rule is not None and not rule.in_place:
             try:
-                return rule.apply(self, func, *args, **kwargs)
+                return self._rule(rule, func, args, kwargs)
             except Decline:
                 pass
         context = CONTEXTS.get(func)
@@ -297,10 +304,21 @@ class StackedTangents(TorchFunctionMode):
                 return forward_ad_call(self, func, args, kwargs)
         return forward_ad_call(self, func, args, kwargs)
 
+    def _rule(self, rule, func, args, kwargs):
+        if self.check_rules:
+            key = rule_check.signature(rule, args, kwargs)
+            if key not in self._checked:
+                self._checked.add(key)
+                try:
+                    rule_check.check_rule(self, rule, func, args, kwargs)
+                except rule_check.RuleMismatch as error:
+                    raise Unsupported(str(error)) from None
+        return rule.apply(self, func, *args, **kwargs)
+
     def _attribute(self, func, args, kwargs):
         attribute = getattr(getattr(func, "__self__", None), "__name__", "")
         if attribute in ("T", "mT"):
-            return RULES[torch.Tensor.t].apply(self, func, *args, **kwargs)
+            return self._rule(RULES[torch.Tensor.t], func, args, kwargs)
         if attribute in _ATTRIBUTES:
             return func(*args, **kwargs)
         return forward_ad_call(self, func, args, kwargs)
@@ -482,7 +500,10 @@ def _set_rng_state(state) -> None:
 
 
 def stacked_derivatives(
-    closure: Callable[[], torch.Tensor], source: TangentSource, reuse: bool = False
+    closure: Callable[[], torch.Tensor],
+    source: TangentSource,
+    reuse: bool = False,
+    check_rules: bool = False,
 ) -> tuple[object, torch.Tensor | None, StackedTangents]:
     """Run ``closure`` once under ``StackedTangents`` and return its value and value's tangent.
 
@@ -495,7 +516,7 @@ def stacked_derivatives(
         TangentReused: with ``reuse``, a relu input's tangent was read after relu reused it;
             the caller rewinds and runs again without ``reuse``.
     """
-    mode = StackedTangents(source, reuse)
+    mode = StackedTangents(source, reuse, check_rules)
     mode.boundary = sys._getframe()
     with mode:
         value = closure()

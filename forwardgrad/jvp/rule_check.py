@@ -1,0 +1,126 @@
+"""The first-use check of each rule on the model's own inputs, in float64.
+
+The first time a model runs on the fast path in a setting, every rule it uses is applied once
+more to a small slice of the very inputs it just saw (the first rows of the batch), cast to
+float64, and compared with PyTorch's own forward-mode formula on the same slice. A rule that is
+off by more than 1e-7 of the tangent's scale, say a GELU derivative off by 5e-4, sends the model
+to the general path and says which rule. The slice keeps the check's memory small; the RNG
+state is restored, so the step draws what it would have drawn without the check.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from forwardgrad.tangents.sources import GivenTangents
+
+ROWS = 2  # rows of the batch the check keeps
+RTOL = 1e-7  # of the tangent's scale (PyTorch's formulas use a few float32 constants)
+MAX_BYTES = 16 * 2**20  # an input that cannot be sliced is checked whole up to this size
+
+
+class RuleMismatch(Exception):
+    """A rule disagrees with PyTorch's formula on the model's inputs (the message says which)."""
+
+
+def signature(rule, args, kwargs) -> tuple:
+    """What distinguishes one use of a rule from another for the check: the kinds of the
+    arguments and the flags (batch norm with running statistics or with batch statistics)."""
+    flat, _ = tree_flatten((args, kwargs))
+    kinds = []
+    for value in flat:
+        if isinstance(value, torch.Tensor):
+            kinds.append((value.dim(), value.is_floating_point()))
+        elif isinstance(value, (bool, str, type(None))):
+            kinds.append(value)
+        else:
+            kinds.append(type(value).__name__)
+    return (rule.name, tuple(kinds), tuple(sorted(kwargs)))
+
+
+def check_rule(mode, rule, func, args, kwargs) -> None:
+    """Apply ``rule`` and PyTorch's formula to a float64 slice of ``args``; raise
+    ``RuleMismatch`` if their tangents differ. Call it before the rule runs on the real inputs
+    (the rule may overwrite an input's tangent)."""
+    flat, spec = tree_flatten((args, kwargs))
+    batch = _batch_size(mode, flat)
+    for rows in (ROWS, None):  # a slice of the batch, else (small enough) the whole
+        inputs = _inputs(mode, flat, batch, rows)
+        if inputs is None:
+            continue
+        values, tangents = inputs
+        rng = torch.get_rng_state()
+        try:
+            got = _tangents_of(mode, rule, func, values, tangents, spec, use_rule=True)
+            torch.set_rng_state(rng)
+            expected = _tangents_of(mode, rule, func, values, tangents, spec, use_rule=False)
+        except Exception:  # this slice does not suit the operation (a reshape to the batch)
+            continue
+        finally:
+            torch.set_rng_state(rng)
+        _compare(rule, got, expected)
+        return
+
+
+def _batch_size(mode, flat) -> int | None:
+    for value in flat:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and not mode.is_parameter(value):
+            if mode.carries(value):
+                return value.shape[0]
+    return None
+
+
+def _inputs(mode, flat, batch, rows):
+    """float64 copies of the arguments (sliced to ``rows`` of the batch) and their tangents."""
+    values, tangents, total = [], {}, 0
+    for i, value in enumerate(flat):
+        if not isinstance(value, torch.Tensor):
+            values.append(value)
+            continue
+        sliced = rows is not None and batch is not None and value.dim() > 0
+        sliced = sliced and value.shape[0] == batch and not mode.is_parameter(value)
+        part = value[:rows] if sliced else value
+        total += part.numel() * 8
+        if rows is None and total > MAX_BYTES:
+            return None
+        values.append(part.to(torch.float64) if part.is_floating_point() else part.clone())
+        tangent = mode.tangent(value) if part.is_floating_point() else None
+        if tangent is not None:
+            first = tangent[:1]
+            if first.shape[1:] != value.shape:
+                first = first.expand(1, *value.shape)
+            tangents[i] = (first[:, :rows] if sliced else first).to(torch.float64).clone()
+    return values, tangents
+
+
+def _tangents_of(mode, rule, func, values, tangents, spec, use_rule):
+    from forwardgrad.jvp.stacked import StackedTangents, forward_ad_call
+
+    check = StackedTangents(GivenTangents([], [torch.zeros(1)]))
+    inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
+    for i, tangent in tangents.items():
+        check.track(inputs[i], tangent, fresh=True)
+    args, kwargs = tree_unflatten(inputs, spec)
+    with torch.no_grad():  # rules run as from inside the mode's handler: the mode not active
+        if use_rule:
+            out = rule.apply(check, func, *args, **kwargs)
+        else:
+            out = forward_ad_call(check, func, args, kwargs)
+    outputs = tree_flatten(out)[0]
+    return [check.tangent(o) for o in outputs if isinstance(o, torch.Tensor)]
+
+
+def _compare(rule, got, expected) -> None:
+    for a, b in zip(got, expected):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        scale = max(1.0, float(b.abs().max()) if b.numel() else 0.0)
+        error = float((a - b).abs().max()) if b.numel() else 0.0
+        if not error <= RTOL * scale:
+            raise RuleMismatch(
+                f"the rule for {rule.name} is off by {error:.3g} (of {scale:.3g}) from "
+                "PyTorch's forward-mode formula on this model's inputs"
+            )
