@@ -9,6 +9,10 @@ all-reduces every gradient (4 bytes per parameter) plus the loss.
     python benchmarks/bench_distributed.py                      # the table for the README
     python benchmarks/bench_distributed.py --world-sizes 1,2 --models mlp --steps 5
 
+With one rank the data-parallel forward-gradient step is also timed against the same estimator
+without ``DataParallel`` (one process, no collective), the two alternated step by step: the
+data-parallel step takes the same derivative engine (the fast path) and should cost the same.
+
 Prints a Markdown table; it does not assert anything. Timings include the other ranks'
 waiting, so on a machine with fewer cores than ranks they measure oversubscription too.
 """
@@ -41,29 +45,56 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(world, model_name: str, estimator_name: str, batch: int, warmup: int, steps: int):
-    """Median step time (s) and bytes all-reduced per step on this rank."""
+def _contender(world, model_name: str, estimator_name: str, parallel: bool, batch: int):
+    """One step function (estimate + SGD) and what it reports; the same data on every rank."""
     torch.manual_seed(0)
     model = make_model(model_name)
-    estimator = DataParallel(make_estimator(estimator_name, seed=0), world)
-    forward_model = estimator.prepare(model)
+    estimator = make_estimator(estimator_name, seed=0)
+    forward_model = model
+    if parallel:
+        estimator = DataParallel(estimator, world)
+        forward_model = estimator.prepare(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 1, 28, 28, generator=generator)
     labels = torch.randint(0, 10, (batch,), generator=generator)
-    (shard_images, shard_labels), weight = world.shard((images, labels))
+    (shard_images, shard_labels), weight = (
+        world.shard((images, labels))
+        if parallel
+        else (
+            (images, labels),
+            1.0,
+        )
+    )
 
     def closure():
         return F.cross_entropy(forward_model(shard_images), shard_labels)
 
-    times = []
-    for step in range(warmup + steps):
-        started = time.perf_counter()
+    def step():
         estimator.estimate(model, weighted(closure, weight))
         optimizer.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times), estimator.bytes_last_step
+
+    return step, estimator
+
+
+def measure(world, model_name: str, contenders: list[tuple[str, bool]], args) -> list[tuple]:
+    """Median step time (s), bytes all-reduced per step and the path taken, per contender
+    (estimator name, data-parallel?), the contenders alternated step by step."""
+    steps = [
+        _contender(world, model_name, name, parallel, args.batch_size)
+        for name, parallel in contenders
+    ]
+    times = [[] for _ in steps]
+    for index in range(args.warmup + args.steps):
+        for (step, _), measured in zip(steps, times):
+            started = time.perf_counter()
+            step()
+            if index >= args.warmup:
+                measured.append(time.perf_counter() - started)
+    return [
+        (statistics.median(t), getattr(e, "bytes_last_step", 0), getattr(e, "last_path", None))
+        for (_, e), t in zip(steps, times)
+    ]
 
 
 def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -73,10 +104,13 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, out:
     with process_group(launch, "gloo", timeout_s=600) as world:
         for model_name in args.models:
             for label, estimator_name in ESTIMATORS.items():
-                seconds, sent = measure(
-                    world, model_name, estimator_name, args.batch_size, args.warmup, args.steps
-                )
-                rows.append((model_name, label, world_size, seconds, sent))
+                contenders = [(estimator_name, True)]
+                if world_size == 1 and estimator_name == "forward":
+                    contenders.append((estimator_name, False))  # the same, one process
+                results = measure(world, model_name, contenders, args)
+                for (_, parallel), (seconds, sent, path) in zip(contenders, results):
+                    shown = label if parallel else f"{label}, no DataParallel"
+                    rows.append((model_name, shown, world_size, seconds, sent, path))
     if rank == 0:
         torch.save(rows, Path(out) / f"world{world_size}.pt")
 
@@ -95,16 +129,20 @@ def run(world_size: int, args: argparse.Namespace) -> list[tuple]:
 
 def table(rows: list[tuple]) -> str:
     """Markdown: one line per model, estimator and world size, with the speed-up over 1 rank."""
-    single = {(m, e): s for m, e, n, s, _ in rows if n == 1}
+    single = {(m, e): s for m, e, n, s, _, _ in rows if n == 1}
     lines = [
-        "| model | estimator | ranks | bytes all-reduced / step | step time (ms) | vs 1 rank |",
-        "|---|---|--:|--:|--:|--:|",
+        "| model | estimator | ranks | path | bytes all-reduced / step | step time (ms) "
+        "| speed-up over 1 rank |",
+        "|---|---|--:|---|--:|--:|--:|",
     ]
-    for model_name, label, ranks, seconds, sent in sorted(rows, key=lambda r: (r[0], r[1], r[2])):
+    for model_name, label, ranks, seconds, sent, path in sorted(
+        rows, key=lambda r: (r[0], r[1], r[2])
+    ):
         base = single.get((model_name, label))
         ratio = f"{base / seconds:.2f}x" if base else ""
         lines.append(
-            f"| {model_name} | {label} | {ranks} | {sent:,} | {seconds * 1e3:.1f} | {ratio} |"
+            f"| {model_name} | {label} | {ranks} | {path or '-'} | {sent:,} "
+            f"| {seconds * 1e3:.1f} | {ratio} |"
         )
     return "\n".join(lines)
 
