@@ -388,15 +388,39 @@ def process_group(
             "leave it (destroy_process_group) before joining another."
         )
     timeout_s = timeout_from_environment() if timeout_s is None else float(timeout_s)
+    backend, device = _backend_and_device(launch, backend)
+    _join(launch, backend, timeout_s, from_environment)
+    world = World(
+        launch.rank,
+        launch.world_size,
+        launch.local_rank,
+        backend,
+        device,
+        timeout_s,
+        restart_count=launch.restart_count,
+    )
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()
+
+
+def _backend_and_device(launch: Launch, backend: str | None) -> tuple[str, torch.device]:
+    """nccl on this rank's GPU when it has one (or when asked), else gloo on the CPU."""
     if backend is None:
         has_gpu = torch.cuda.is_available() and launch.local_rank < torch.cuda.device_count()
         backend = "nccl" if has_gpu and dist.is_nccl_available() else "gloo"
     if backend not in ("gloo", "nccl"):
-        raise ValueError(f"unknown backend {backend!r}; choose gloo (CPU) or nccl (GPU).")
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", launch.local_rank)
-        torch.cuda.set_device(device)
+        raise DistributedError(f"unknown backend {backend!r}; choose gloo (CPU) or nccl (GPU).")
+    if backend == "gloo":
+        return backend, torch.device("cpu")
+    device = torch.device("cuda", launch.local_rank)
+    torch.cuda.set_device(device)
+    return backend, device
+
+
+def _join(launch: Launch, backend: str, timeout_s: float, from_environment: bool) -> None:
+    """Rendezvous with the other ranks and start the process group."""
     url = (
         "env://" if from_environment else f"tcp://{_host(launch.master_addr)}:{launch.master_port}"
     )
@@ -415,19 +439,6 @@ def process_group(
             f"{launch.master_addr}:{launch.master_port} within {timeout_s:g} s ({error}); "
             "check that every rank was started with the same MASTER_ADDR and MASTER_PORT."
         ) from error
-    world = World(
-        launch.rank,
-        launch.world_size,
-        launch.local_rank,
-        backend,
-        device,
-        timeout_s,
-        restart_count=launch.restart_count,
-    )
-    try:
-        yield world
-    finally:
-        dist.destroy_process_group()
 
 
 def _host(address: str) -> str:

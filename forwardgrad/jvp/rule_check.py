@@ -95,7 +95,8 @@ def _inputs(mode, flat, batch, rows):
 
 
 def _tangents_of(mode, rule, func, values, tangents, spec, use_rule):
-    from forwardgrad.jvp.stacked import StackedTangents, forward_ad_call
+    from forwardgrad.jvp.forward_ad import forward_ad_call
+    from forwardgrad.jvp.stacked import StackedTangents
 
     check = StackedTangents(GivenTangents([], [torch.zeros(1)]))
     inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]

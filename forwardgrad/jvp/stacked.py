@@ -27,21 +27,19 @@ tensor (and so into the views that share its memory). What cannot be done safely
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
 import weakref
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from forwardgrad.jvp import rule_check
+from forwardgrad.jvp.forward_ad import forward_ad_call
+from forwardgrad.jvp.in_place import out_of_place
 from forwardgrad.jvp.routes import COMPOSITES, CONTEXTS
-from forwardgrad.jvp.rules import IN_PLACE, RULES, Decline
+from forwardgrad.jvp.rules import RULES, Decline
 from forwardgrad.tangents.sources import TangentSource
 
 
@@ -286,7 +284,7 @@ class StackedTangents(TorchFunctionMode):
                 return self._rule(rule, func, args, kwargs)
             except Decline:
                 pass
-        in_place = _out_of_place(func, args, kwargs)
+        in_place = out_of_place(func, args, kwargs)
         if in_place is not None:
             plain, plain_args, plain_kwargs = in_place
             value = self._apply(plain, getattr(plain, "__name__", name), plain_args, plain_kwargs)
@@ -352,147 +350,6 @@ class StackedTangents(TorchFunctionMode):
 
 
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__.__code__
-
-
-# --------------------------------------------------------------------------------------------
-# In-place spellings
-
-
-def _out_of_place(func, args, kwargs):
-    """``(plain, args, kwargs)``: the out-of-place call that computes what ``func`` writes into
-    ``args[0]``, or None when ``func`` is not an in-place operation."""
-    if kwargs.get("inplace") is True or _inplace_flag(func, args):
-        plain_kwargs = dict(kwargs, inplace=False)
-        return func, _without_inplace_flag(func, args), plain_kwargs
-    if kwargs.get("out") is not None:
-        raise Unsupported(f"{getattr(func, '__name__', func)} with out=")
-    plain = IN_PLACE.get(func)
-    if plain is None:
-        plain = _plain_form(func)
-    if plain is None:
-        return None
-    return plain, args, kwargs
-
-
-@functools.cache
-def _inplace_position(func) -> int | None:
-    try:
-        parameters = list(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return None
-    return parameters.index("inplace") if "inplace" in parameters else None
-
-
-def _inplace_flag(func, args) -> bool:
-    position = _inplace_position(func)
-    return position is not None and len(args) > position and args[position] is True
-
-
-def _without_inplace_flag(func, args):
-    position = _inplace_position(func)
-    if position is None or len(args) <= position:
-        return args
-    return (*args[:position], False, *args[position + 1 :])
-
-
-@functools.cache
-def _plain_form(func) -> Callable | None:
-    """``Tensor.clamp_`` -> ``Tensor.clamp``, ``Tensor.__iand__`` -> ``Tensor.__and__``."""
-    name = getattr(func, "__name__", "")
-    owner = torch.Tensor if getattr(torch.Tensor, name, None) is func else None
-    if owner is None:
-        owner = torch if getattr(torch, name, None) is func else None
-    if owner is None or not name:
-        return None
-    if name.startswith("__i") and name.endswith("__"):
-        return getattr(owner, f"__{name[3:]}", None)
-    if name.endswith("_") and not name.endswith("__"):
-        if name in ("copy_", "zero_", "fill_", "requires_grad_", "detach_"):
-            return _SPECIAL_PLAIN.get(name)
-        return getattr(owner, name[:-1], None)
-    return None
-
-
-def _copy(x, source, non_blocking=False):
-    return source.to(dtype=x.dtype, device=x.device).expand_as(x).clone()
-
-
-def _zero(x):
-    return torch.zeros_like(x)
-
-
-def _fill(x, value):
-    if isinstance(value, torch.Tensor):
-        return value.to(x.dtype).expand_as(x).clone()
-    return torch.full_like(x, value)
-
-
-_SPECIAL_PLAIN = {"copy_": _copy, "zero_": _zero, "fill_": _fill}
-
-
-# --------------------------------------------------------------------------------------------
-# PyTorch's forward-mode formulas, one call at a time
-
-
-def forward_ad_call(mode: StackedTangents, func, args, kwargs):
-    """Run ``func`` on dual tensors, once per tangent, and stack its outputs' tangents.
-
-    The primal comes from the first pass; before each further pass the RNG states are put back,
-    so a random function draws the same numbers for every tangent. Raises the error PyTorch
-    raises when the function has no forward-mode formula.
-    """
-    name = getattr(func, "__name__", str(func))
-    mode.forward_ad_calls[name] = mode.forward_ad_calls.get(name, 0) + 1
-    flat, spec = tree_flatten((args, kwargs))
-    positions = [i for i, a in enumerate(flat) if mode.carries(a)]
-    tangents = [mode.tangent(flat[i]) for i in positions]
-    rng = _rng_state() if mode.count > 1 else None
-    primal_outputs, output_tangents = None, []
-    for k in range(mode.count):
-        if k > 0:
-            _set_rng_state(rng)
-        with fwAD.dual_level():
-            duals = list(flat)
-            for i, t in zip(positions, tangents):
-                duals[i] = _dual(flat[i], t[k])
-            dual_args, dual_kwargs = tree_unflatten(duals, spec)
-            outputs, out_spec = tree_flatten(func(*dual_args, **dual_kwargs))
-            output_tangents.append([_tangent_of(o) for o in outputs])
-        if primal_outputs is None:  # plain tensors now that their level has closed
-            primal_outputs = outputs
-    for j, out in enumerate(primal_outputs):
-        if isinstance(out, torch.Tensor) and out.is_floating_point():
-            parts = [ts[j] for ts in output_tangents]
-            if any(p is not None for p in parts):
-                parts = [torch.zeros_like(out) if p is None else p for p in parts]
-                mode.track(out, torch.stack(parts), fresh=True)
-            else:
-                mode.track(out, None)
-    return tree_unflatten(primal_outputs, out_spec)
-
-
-def _dual(x: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    if tangent.shape != x.shape:
-        tangent = tangent.expand(x.shape)
-    if tangent.dtype != x.dtype:
-        tangent = tangent.to(x.dtype)
-    return fwAD.make_dual(x, tangent)
-
-
-def _tangent_of(value) -> torch.Tensor | None:
-    return fwAD.unpack_dual(value).tangent if isinstance(value, torch.Tensor) else None
-
-
-def _rng_state():
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 # --------------------------------------------------------------------------------------------

@@ -450,3 +450,11 @@ def test_parameters_captured_outside_the_closure_carry_tangents():
     exact = exact_grad(model, closure)
     fg.ForwardGradient(6, "orthogonal", "projection", seed=1).estimate(model, closure)
     assert torch.allclose(flat_grad(model), exact, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", fg.ESTIMATORS)
+def test_parameters_on_the_meta_device_get_one_clear_error(name):
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    with pytest.raises(fg.ConfigurationError, match="meta device"):
+        fg.make_estimator(name, seed=0).estimate(model, lambda: model(torch.ones(1, 3)).sum())
