@@ -46,7 +46,7 @@ from torch import nn
 
 from forwardgrad.distributed.world import World
 from forwardgrad.errors import ConfigurationError, NonFiniteLoss
-from forwardgrad.estimators.base import Estimator
+from forwardgrad.estimators.base import Estimator, Wrapper
 
 
 class _WorldReducer:
@@ -86,7 +86,7 @@ def wrap_for_backprop(model: nn.Module, world: World) -> nn.Module:
     return ddp
 
 
-class DataParallel(Estimator):
+class DataParallel(Wrapper, Estimator):
     """Run an estimator data-parallel: each rank estimates on its shard; the ranks agree.
 
     The closure given to ``estimate`` returns this rank's weighted loss w_r L_r (see
@@ -116,14 +116,6 @@ class DataParallel(Estimator):
         self.bytes_last_step = 0
         self._prepared = False
         estimator.reducer = _WorldReducer(world)
-
-    @property
-    def last_path(self) -> str | None:
-        return self.estimator.last_path
-
-    @property
-    def last_fallback(self) -> str | None:
-        return self.estimator.last_fallback
 
     def describe(self) -> str:
         return self.estimator.describe()

@@ -11,7 +11,7 @@ from torch import nn
 from forwardgrad.errors import EstimatorError
 from forwardgrad.estimators.base import WIRE_BYTES, Estimator, check_finite, trainable
 from forwardgrad.estimators.forward import check_params
-from forwardgrad.jvp.checks import BACKWARD_CALLED, check_value, guarded
+from forwardgrad.jvp.checks import backward_not_called, check_value, guarded
 
 
 def backprop_grad(
@@ -63,23 +63,11 @@ class Backprop(Estimator):
             # gradient to .grad, with no copy into the old buffer (the fastest backprop step).
             for p in params:
                 p.grad = None
-            collective = (
-                contextlib.nullcontext()
-                if self.reducer is None
-                else self.reducer.collective(
-                    "DistributedDataParallel's all-reduce of the gradients"
-                )
-            )
-            try:
-                with collective:
-                    torch.autograd.backward(loss, inputs=params)
-            except RuntimeError as error:
-                if any(s in str(error) for s in BACKWARD_CALLED):
-                    raise EstimatorError(
-                        "the closure called backward(); estimators compute the gradient "
-                        "themselves, so return the loss without calling backward."
-                    ) from None
-                raise
+            collective = contextlib.nullcontext()
+            if self.reducer is not None:  # DistributedDataParallel sums inside backward
+                collective = self.reducer.collective("the all-reduce of the gradients")
+            with collective, backward_not_called():
+                torch.autograd.backward(loss, inputs=params)
         for p in params:  # a parameter the loss does not use has gradient zero
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

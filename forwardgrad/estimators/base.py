@@ -80,6 +80,21 @@ class Estimator:
         return total.to(device=values.device, dtype=values.dtype)
 
 
+class Wrapper:
+    """Something that runs an inner ``estimator`` (``DataParallel``, ``ForwardSGD``) and reports
+    the derivative path of its latest step as its own."""
+
+    estimator: Estimator
+
+    @property
+    def last_path(self) -> str | None:
+        return self.estimator.last_path
+
+    @property
+    def last_fallback(self) -> str | None:
+        return self.estimator.last_fallback
+
+
 class Seeded(Estimator):
     """An estimator whose randomness comes from its own generator, never the global one."""
 

@@ -3,8 +3,9 @@ agree, and PyTorch's errors turned into sentences that say what to do."""
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -69,19 +70,26 @@ def disagreement(derivatives: torch.Tensor, reference: torch.Tensor) -> str:
     )
 
 
+@contextlib.contextmanager
+def backward_not_called() -> Iterator[None]:
+    """PyTorch's error for a closure that called ``backward()`` itself, as one sentence."""
+    try:
+        yield
+    except RuntimeError as error:
+        if any(s in str(error) for s in BACKWARD_CALLED):
+            raise EstimatorError(
+                "the closure called backward(); estimators compute the gradient themselves, "
+                "so return the loss without calling backward."
+            ) from None
+        raise
+
+
 def guarded(closure: Callable[[], object]) -> Callable[[], object]:
     """The closure, with a clear error if it calls ``backward()`` itself."""
 
     def call():
-        try:
+        with backward_not_called():
             return closure()
-        except RuntimeError as error:
-            if any(s in str(error) for s in BACKWARD_CALLED):
-                raise EstimatorError(
-                    "the closure called backward(); estimators compute the gradient themselves, "
-                    "so return the loss without calling backward."
-                ) from None
-            raise
 
     return call
 

@@ -23,12 +23,12 @@ from torch import nn
 
 from forwardgrad import tangents as tg
 from forwardgrad.errors import ConfigurationError
-from forwardgrad.estimators.base import trainable
+from forwardgrad.estimators.base import Wrapper, trainable
 from forwardgrad.estimators.forward import ForwardGradient
 from forwardgrad.seeds import draw_seed
 
 
-class ForwardSGD(torch.optim.Optimizer):
+class ForwardSGD(Wrapper, torch.optim.Optimizer):
     """Plain SGD on forward gradients, applied in place: ``loss = opt.step(closure)``.
 
     θ ← θ − η · (1/K) Σ_k d_k v_k with d_k = ∇L·v_k; see the module docstring for the memory
@@ -74,14 +74,6 @@ class ForwardSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": float(lr)})
         self.model = model
         self.estimator = ForwardGradient(tangents, distribution, "mean", seed, fast)
-
-    @property
-    def last_path(self) -> str | None:
-        return self.estimator.last_path
-
-    @property
-    def last_fallback(self) -> str | None:
-        return self.estimator.last_fallback
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """One forward-gradient step; returns the loss before the update, detached."""
