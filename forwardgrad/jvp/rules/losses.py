@@ -108,9 +108,14 @@ def cross_entropy(mode, func, logits, *args, **kwargs):
     options = _loss_options(args, kwargs, (*_LOSS_NAMES, "label_smoothing"))
     if options.get("label_smoothing", 0.0):
         raise Decline("cross-entropy with label smoothing")
-    out = func(logits, *args, **kwargs)
     class_dim = 1 if logits.dim() > 1 else 0
-    logp = torch.log_softmax(logits, class_dim)
+    logp = torch.log_softmax(logits, class_dim)  # once, for the value and the tangent
+    target = options["target"]
+    if target.is_floating_point():  # class probabilities
+        out = func(logits, *args, **kwargs)
+    else:  # what cross_entropy computes itself: nll_loss of the log-probabilities
+        names = ("weight", "ignore_index", "reduction")
+        out = F.nll_loss(logp, target, **{k: options[k] for k in names if k in options})
     tx = mode.tangent(logits)
     tlogp = tx - (tx * logp.exp()).sum(class_dim + 1, keepdim=True)
     tangent = _class_log_likelihood_tangent(mode, tlogp, options["target"], options)
