@@ -11,7 +11,10 @@ Both derivative paths evaluate with ``forward_mode_context()`` and look every ca
 - ``torch._weight_norm`` (``weight_norm`` parametrisations) is computed as v·g/‖v‖;
 - ``F.embedding_bag`` is computed as an embedding lookup followed by a reduction per bag;
 - packing a padded batch of sequences (``pack_padded_sequence``) is computed by slicing and
-  concatenating the time steps.
+  concatenating the time steps;
+- ``scaled_dot_product_attention`` is computed as its math kernel computes it, op for op (the
+  same numbers and the same dropout mask), so that on the fast path the K tangents go through
+  the matrix products, softmax and dropout together instead of one call per tangent.
 
 Each route computes the same function as the operation it replaces (tested against autograd).
 """
@@ -19,6 +22,7 @@ Each route computes the same function as the operation it replaces (tested again
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -126,11 +130,49 @@ def pack_padded_sequence(
     return data, batch_sizes
 
 
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale + mask) v, with dropout on the weights, as the math kernel does it:
+    q and k each scaled by √scale, a boolean mask turned into 0 / −inf, grouped keys and
+    values repeated, rows that the mask hides entirely given weight 0."""
+    length, source = query.shape[-2], key.shape[-2]
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    factor = math.sqrt(abs(scale))
+    query = query * (-factor if scale < 0 else factor)
+    if is_causal:
+        attn_mask = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.where(attn_mask.logical_not(), float("-inf"), 0.0).to(query.dtype)
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        repeats = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeats, -3)
+        value = value.repeat_interleave(repeats, -3)
+    weights = torch.matmul(query, key.transpose(-2, -1) * factor)
+    if attn_mask is not None:
+        weights = weights + attn_mask
+        hidden = torch.isinf(weights).all(-1, keepdim=True)
+    weights = torch.softmax(weights, -1)
+    if attn_mask is not None and bool(hidden.any()):
+        weights = torch.where(hidden, 0.0, weights)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p, True)
+    return torch.matmul(weights, value)
+
+
 # Operations computed by a composite of differentiable operations instead.
 COMPOSITES: dict[Callable, Callable] = {
     torch._weight_norm: weight_norm,
     F.embedding_bag: embedding_bag,
     torch._pack_padded_sequence: pack_padded_sequence,
+    F.scaled_dot_product_attention: scaled_dot_product_attention,
 }
 
 # Operations that need another kernel: the context to call them in.

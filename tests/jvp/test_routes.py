@@ -135,3 +135,63 @@ def test_packed_sequences(cell):
     lengths = torch.tensor([6, 3, 5, 2])
     y = torch.tensor([1, 2, 3, 4])
     assert_exact(model, lambda: F.cross_entropy(model(tokens, lengths), y), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"is_causal": True},
+        {"attn_mask": "float"},
+        {"attn_mask": "bool"},
+        {"scale": 0.3},
+        {"dropout_p": 0.2},
+        {"dropout_p": 0.2, "is_causal": True},
+        {"enable_gqa": True},
+    ],
+    ids=lambda o: ",".join(o) or "plain",
+)
+def test_attention_route_is_the_math_kernel_to_the_bit(options):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=torch.float64) for _ in range(3))
+    options = dict(options)
+    if options.get("attn_mask") == "float":
+        options["attn_mask"] = torch.randn(5, 5, dtype=torch.float64)
+    if options.get("attn_mask") == "bool":
+        options["attn_mask"] = torch.rand(2, 1, 5, 5) > 0.3
+        options["attn_mask"][0, 0, 1] = False  # a row the mask hides entirely
+    if options.get("enable_gqa"):
+        k, v = k[:, :2], v[:, :2]
+    torch.manual_seed(1)
+    with sdpa_kernel([SDPBackend.MATH]):
+        expected = F.scaled_dot_product_attention(q, k, v, **options)
+    torch.manual_seed(1)  # the same dropout mask
+    assert torch.equal(routes.scaled_dot_product_attention(q, k, v, **options), expected)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_attention_on_the_fast_path(dropout):
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).unbind(2)
+            h = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, dropout, True
+            )
+            return self.out(h.transpose(1, 2).reshape(x.shape).mean(1))
+
+    torch.manual_seed(0)
+    model = Attention().double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+
+    def closure():
+        torch.manual_seed(7)  # the same dropout mask for autograd and both paths
+        return model(x).pow(2).sum()
+
+    result = assert_exact(model, closure, torch.float64)
+    assert result.path == "general"  # assert_exact ends on the general path; the fast one ran

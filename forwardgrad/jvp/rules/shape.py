@@ -224,3 +224,49 @@ def concatenate(mode, func, tensors, dim=0, **kwargs):
         parts.append(tangent.to(out.dtype))
     # stack adds a dimension, so its dim may be one past the inputs' last.
     return mode.track(out, func(parts, dim % out.dim() + 1))
+
+
+def _split_samples(dtype):
+    x = randn(4, 6, dtype=dtype)
+    yield (x, 2), {}
+    yield (x, [1, 3]), {"dim": 0}
+    yield (x, 3, 1), {}
+
+
+@rule("split", "split_with_sizes", samples=_split_samples)
+def split(mode, func, x, split_size_or_sections, dim=0):
+    """(y₁, y₂, ...) = x cut along a dimension:  ẏᵢ = ẋ cut the same way."""
+    outs = func(x, split_size_or_sections, dim)
+    pieces = torch.split(mode.tangent(x), split_size_or_sections, dim % x.dim() + 1)
+    for out, tangent in zip(outs, pieces):
+        mode.track(out, tangent)
+    return outs
+
+
+def _chunk_samples(dtype):
+    yield (randn(4, 6, dtype=dtype), 2), {}
+    yield (randn(4, 6, dtype=dtype), 4, 1), {}
+
+
+@rule("chunk", samples=_chunk_samples)
+def chunk(mode, func, x, chunks, dim=0):
+    """(y₁, y₂, ...) = x in chunks along a dimension:  ẏᵢ = ẋ in the same chunks."""
+    outs = func(x, chunks, dim)
+    sizes = [out.shape[dim] for out in outs]
+    for out, tangent in zip(outs, torch.split(mode.tangent(x), sizes, dim % x.dim() + 1)):
+        mode.track(out, tangent)
+    return outs
+
+
+def _unbind_samples(dtype):
+    yield (randn(3, 4, dtype=dtype),), {}
+    yield (randn(3, 4, 2, dtype=dtype), 1), {}
+
+
+@rule("unbind", samples=_unbind_samples)
+def unbind(mode, func, x, dim=0):
+    """(y₁, y₂, ...) = the slices of x along a dimension:  ẏᵢ = the same slices of ẋ."""
+    outs = func(x, dim)
+    for out, tangent in zip(outs, torch.unbind(mode.tangent(x), dim % x.dim() + 1)):
+        mode.track(out, tangent)
+    return outs
