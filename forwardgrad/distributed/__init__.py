@@ -47,18 +47,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from forwardgrad.estimators import Backprop, Estimator, EstimatorError, ForwardGradient, ZerothOrder
+from forwardgrad.errors import DistributedError, EstimatorError, NonFiniteLoss
+from forwardgrad.estimators import Backprop, Estimator, ForwardGradient, ZerothOrder
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CHECK_EVERY = 200
 TIMEOUT_VARIABLE = "FORWARDGRAD_TIMEOUT_S"
 # Reduced numbers travel as float64: exact for one rank, and the sum loses nothing to float32.
 WIRE_DTYPE = torch.float64
+# What a NonFiniteLoss of a data-parallel step names: the same type as on one process.
+_SUMMED_LOSS = "the loss summed over the ranks"
 _LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedError(RuntimeError):
-    """A distributed job cannot go on: a bad launch, or a rank that died, hung or diverged."""
 
 
 class RankFailure(DistributedError):
@@ -76,24 +75,6 @@ class RanksDisagree(DistributedError):
     def __init__(self, message: str, step: int, ranks: list[int]):
         super().__init__(message)
         self.step, self.ranks = step, ranks
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The loss or a derivative, summed over the ranks, is NaN or infinite; no rank stepped.
-
-    ``args[0]`` is the offending value (a float), as for the ``FloatingPointError`` that
-    ``forwardgrad.experiments.training.train_step`` raises on one process.
-    """
-
-    def __init__(self, value: float, what: str):
-        super().__init__(value)
-        self.value, self.what = value, what
-
-    def __str__(self) -> str:
-        return (
-            f"{self.what} summed over the ranks is {self.value}; the model was left unchanged; "
-            "lower the learning rate or check the inputs for NaN or inf."
-        )
 
 
 # --------------------------------------------------------------------------- the launch
@@ -624,9 +605,9 @@ class DataParallel(Estimator):
             local, f"the all-reduce of the step's {local.numel()} numbers"
         )
         if not bool(torch.isfinite(total[0])):
-            raise NonFiniteLoss(float(total[0]), "the loss")
+            raise NonFiniteLoss(float(total[0]), _SUMMED_LOSS)
         if not bool(torch.isfinite(total[1:]).all()):
-            raise NonFiniteLoss(math.inf, "a directional derivative")
+            raise NonFiniteLoss(math.inf, "a directional derivative summed over the ranks")
         summed = total[1:].to(device=derivatives.device, dtype=derivatives.dtype)
         _overwrite_grads(params, estimator.combine_estimate(summed, directions))
         return total[0].to(loss.dtype).cpu()
@@ -645,7 +626,7 @@ class DataParallel(Estimator):
         except EstimatorError:
             for value in reduced:
                 if not bool(torch.isfinite(value).all()):
-                    raise NonFiniteLoss(float(value[0]), "the loss") from None
+                    raise NonFiniteLoss(float(value[0]), _SUMMED_LOSS) from None
             raise
 
     def _backprop(self, model: nn.Module, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -668,7 +649,7 @@ class DataParallel(Estimator):
                 loss.backward()
         total = self.world.all_reduce(loss.detach().reshape(1), "the all-reduce of the loss")
         if not bool(torch.isfinite(total).all()):
-            raise NonFiniteLoss(float(total[0]), "the loss")
+            raise NonFiniteLoss(float(total[0]), _SUMMED_LOSS)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from forwardgrad import tangents as tg
+from forwardgrad.errors import EstimatorError, NonFiniteLoss
 from forwardgrad.jvp import stacked as fp
 
 try:  # The math kernel is the one attention kernel with forward-mode formulas on every device.
@@ -53,10 +54,6 @@ _CUSTOM_FUNCTION_WITHOUT_JVP = "implement the jvp function for custom autograd.F
 _BACKWARD_CALLED = ("does not require grad", "backward through the graph a second time")
 
 
-class EstimatorError(ValueError):
-    """A gradient cannot be estimated: the message says what was wrong and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------
 # Checks shared by every estimator
 
@@ -79,14 +76,14 @@ def _check_loss(loss: object) -> torch.Tensor:
 
 def _check_finite(loss: torch.Tensor, derivatives: torch.Tensor | None = None) -> None:
     if not bool(torch.isfinite(loss)):
-        raise EstimatorError(
-            f"the loss is {loss.item()}; the model was left unchanged; lower the learning rate, "
-            "clip the updates or check the inputs for NaN or inf."
-        )
+        raise NonFiniteLoss(loss.item(), "the loss")
     if derivatives is not None and not bool(torch.isfinite(derivatives).all()):
-        raise EstimatorError(
-            f"a directional derivative is {derivatives.tolist()}; the model was left unchanged; "
-            "lower the learning rate or check the model for operations that overflow."
+        bad = derivatives[~torch.isfinite(derivatives)].flatten()[0].item()
+        raise NonFiniteLoss(
+            bad,
+            "a directional derivative",
+            "the model was left unchanged; lower the learning rate or check the model for "
+            "operations that overflow.",
         )
 
 

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from forwardgrad.distributed import DEFAULT_CHECK_EVERY, DataParallel, World, weighted
-from forwardgrad.estimators import ESTIMATORS, Estimator, EstimatorError, make_estimator
+from forwardgrad.errors import EstimatorError, NonFiniteLoss
+from forwardgrad.estimators import ESTIMATORS, Estimator, make_estimator
 from forwardgrad.experiments import checkpoints as ckpt
 from forwardgrad.experiments.datasets import (
     DATASETS,
@@ -593,21 +594,12 @@ def train_step(
     """Estimate the gradient into ``.grad``, apply the optimizer, return the loss before the step.
 
     Raises:
-        FloatingPointError: the loss (or a directional derivative) is NaN or infinite; the
+        NonFiniteLoss: the loss (or a directional derivative) is NaN or infinite; the
             parameters were left as they were.
     """
-    try:
-        loss = float(estimator.estimate(model, closure))
-    except EstimatorError as error:
-        # The estimators refuse a non-finite loss or derivative (and leave the model unchanged);
-        # other EstimatorErrors (an op without forward-mode AD, ...) are real errors.
-        with torch.no_grad():
-            value = float(closure())
-        if math.isfinite(value) and "directional derivative" not in str(error):
-            raise
-        raise FloatingPointError(value if not math.isfinite(value) else math.inf) from None
+    loss = float(estimator.estimate(model, closure))
     if not math.isfinite(loss):
-        raise FloatingPointError(loss)
+        raise NonFiniteLoss(loss, "the loss")
     optimizer.step()
     return loss
 
@@ -1079,11 +1071,10 @@ def train(
                     closure = weighted(task.closure(forward_model, shard), weight)
                 try:
                     last_loss = train_step(model, estimator, optimizer, closure)
-                except FloatingPointError as error:
-                    loss = float(error.args[0])
-                    log.write({**row, "train_loss": loss})
+                except NonFiniteLoss as error:
+                    log.write({**row, "train_loss": error.value})
                     kept = _last_good_checkpoint(checkpoint_dir, step) if is_main else None
-                    raise _diverged(config, run_dir, step, loss, lr, kept) from None
+                    raise _diverged(config, step, error, lr, kept) from None
                 step_time = time.perf_counter() - started
                 if frank_wolfe:  # the γ_t and the gap of the step just taken
                     lr = next((g for g in optimizer.last_group_step_sizes if g is not None), lr)
@@ -1199,7 +1190,7 @@ def _last_good_checkpoint(checkpoint_dir: Path, diverged_at: int) -> Path | None
 
 
 def _diverged(
-    config: TrainConfig, run_dir: Path, step: int, loss: float, lr: float, checkpoint: Path | None
+    config: TrainConfig, step: int, error: NonFiniteLoss, lr: float, checkpoint: Path | None
 ) -> TrainingDiverged:
     kept = (
         f"its last good checkpoint, {checkpoint}, is kept"
@@ -1207,11 +1198,11 @@ def _diverged(
         else "no checkpoint had been written yet"
     )
     message = (
-        f"training diverged: the loss became {loss} at step {step} (lr {lr:.3g}); the run "
-        f"stopped and {kept}; lower the learning rate"
+        f"training diverged: {error.what} became {error.value} at step {step} (lr {lr:.3g}); "
+        f"the run stopped and {kept}; lower the learning rate"
         + (" or use more tangents." if config.estimator != "backprop" else ".")
     )
-    return TrainingDiverged(message, step, loss, checkpoint)
+    return TrainingDiverged(message, step, error.value, checkpoint)
 
 
 def _summary(
