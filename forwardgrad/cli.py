@@ -27,24 +27,21 @@ from pathlib import Path
 
 from forwardgrad import reporting
 from forwardgrad.distributed import DistributedError, World, detect_launch, process_group
+from forwardgrad.errors import CheckpointError, DataError
 from forwardgrad.estimators import ESTIMATORS
-from forwardgrad.experiments.checkpoints import CheckpointError
-from forwardgrad.experiments.datasets import DATASETS, DataError, load_dataset
-from forwardgrad.experiments.training import (
-    DEFAULT_LR_CANDIDATES,
-    FRANK_WOLFE,
-    OPTIMIZERS,
-    PROBLEMS,
+from forwardgrad.experiments.callbacks import Progress
+from forwardgrad.experiments.config import TrainConfig, load_config
+from forwardgrad.experiments.datasets import DATASETS, load_dataset
+from forwardgrad.experiments.labels import run_label
+from forwardgrad.experiments.loop import (
     CheckpointWarning,
-    Progress,
-    TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
-    load_config,
-    run_label,
-    sweep_learning_rate,
     train,
 )
+from forwardgrad.experiments.optimizers import FRANK_WOLFE, OPTIMIZERS
+from forwardgrad.experiments.problems import PROBLEMS
+from forwardgrad.experiments.sweep import DEFAULT_LR_CANDIDATES, sweep_learning_rate
 from forwardgrad.optim.constraints import CONSTRAINT_SYNTAX
 from forwardgrad.optim.frank_wolfe import OPEN_LOOP
 from forwardgrad.tangents import COMBINERS, DISTRIBUTIONS

@@ -22,8 +22,8 @@ from helpers import final_params, install_tiny_dataset, read_metrics
 
 from forwardgrad import cli
 from forwardgrad.cli import ProgressDisplay, main
+from forwardgrad.experiments import Progress
 from forwardgrad.experiments.checkpoints import list_checkpoints
-from forwardgrad.experiments.training import Progress
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SIZE, TEST_SIZE = 96, 40

@@ -12,19 +12,21 @@ import pytest
 import torch
 
 from forwardgrad.experiments import datasets as data
+from forwardgrad.experiments.batches import (
+    ShuffledBatches,
+    normalize,
+    pixel_stats,
+    split_validation,
+)
 from forwardgrad.experiments.datasets import (
     DATASETS,
     FILES,
     DataError,
     DatasetSpec,
-    ShuffledBatches,
     default_data_dir,
     load_dataset,
-    normalize,
-    pixel_stats,
-    read_idx,
-    split_validation,
 )
+from forwardgrad.experiments.idx import read_idx
 
 MIRRORS = ("https://mirror-a.invalid/tiny/", "https://mirror-b.invalid/tiny/")
 

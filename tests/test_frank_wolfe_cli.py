@@ -15,14 +15,10 @@ from torch import nn
 
 from forwardgrad import cli
 from forwardgrad.cli import main
+from forwardgrad.experiments import TrainConfig, train
 from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
+from forwardgrad.experiments.optimizers import constraint_for, exact_frank_wolfe_gap
 from forwardgrad.experiments.problems import make_model
-from forwardgrad.experiments.training import (
-    TrainConfig,
-    constraint_for,
-    exact_frank_wolfe_gap,
-    train,
-)
 from forwardgrad.optim.frank_wolfe import FrankWolfe
 
 TRAIN_SIZE, TEST_SIZE = 64, 32
