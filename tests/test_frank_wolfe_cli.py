@@ -13,9 +13,8 @@ import torch
 from helpers import final_params, install_tiny_dataset, read_metrics
 from torch import nn
 
-from forwardgrad import cli
 from forwardgrad.cli import main
-from forwardgrad.experiments import TrainConfig, train
+from forwardgrad.experiments import TrainConfig, paper, train
 from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
 from forwardgrad.experiments.optimizers import constraint_for, exact_frank_wolfe_gap
 from forwardgrad.experiments.problems import make_model
@@ -168,9 +167,9 @@ def test_compare_averaged_and_raw(tiny_data, tmp_path, capsys):
 
 
 def test_reproduce_runs_the_constrained_experiment(tiny_data, tmp_path, capsys, monkeypatch):
-    (experiment,) = [e for e in cli.EXPERIMENTS if e.name == "logreg-frank-wolfe"]
+    (experiment,) = [e for e in paper.EXPERIMENTS if e.name == "logreg-frank-wolfe"]
     tiny = {**experiment.quick, "steps": 4, "eval_every": 2, "log_every": 1, "tangents": 2}
-    monkeypatch.setattr(cli, "EXPERIMENTS", (replace(experiment, quick=tiny),))
+    monkeypatch.setattr(paper, "EXPERIMENTS", (replace(experiment, quick=tiny),))
     out_dir = tmp_path / "repro"
     code, _, err = run(
         ["reproduce", "--dataset", "tiny", "--threads", "1", "--quiet", "--out", out_dir], capsys

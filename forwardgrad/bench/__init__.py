@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from forwardgrad import tangents as tg
+from forwardgrad.errors import ConfigurationError
 from forwardgrad.estimators import Backprop, ForwardGradient, ZerothOrder
 from forwardgrad.optim.forward_sgd import ForwardSGD
 
@@ -656,11 +657,11 @@ def _numbers(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise ValueError(
+        raise ConfigurationError(
             f"expected comma-separated integers such as 1,4,16, got {text!r}."
         ) from None
     if not values or min(values) < 1:
-        raise ValueError(f"expected positive integers such as 1,4,16, got {text!r}.")
+        raise ConfigurationError(f"expected positive integers such as 1,4,16, got {text!r}.")
     return values
 
 
@@ -713,9 +714,9 @@ def config_from_args(args) -> BenchConfig:
     for name, allowed in known.items():
         unknown = [x for x in getattr(config, name) if x not in allowed]
         if unknown:
-            raise ValueError(
+            raise ConfigurationError(
                 f"unknown {name} {', '.join(unknown)}; choose from {', '.join(allowed)}."
             )
     if config.rounds < 1:
-        raise ValueError(f"--rounds must be at least 1, got {config.rounds}.")
+        raise ConfigurationError(f"--rounds must be at least 1, got {config.rounds}.")
     return config

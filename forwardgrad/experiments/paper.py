@@ -7,7 +7,9 @@ Baydin et al., *Gradients without Backpropagation* (2022), and for Frank-Wolfe R
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from forwardgrad.experiments.optimizers import FRANK_WOLFE, FRANK_WOLFE_DEFAULTS
 
@@ -32,6 +34,20 @@ class Experiment:
     def __post_init__(self):
         if not self.name:
             object.__setattr__(self, "name", self.problem)
+
+    def settings(self, full: bool) -> tuple[dict[str, Any], int | None]:
+        """The TrainConfig values of the quick or full budget, and the steps per sweep
+        candidate."""
+        values = {"problem": self.problem, **(self.full if full else self.quick)}
+        sweep_steps = values.pop("sweep_steps", None)
+        if "epochs" in values:
+            values["steps"] = None
+        return values, sweep_steps
+
+    def run_settings(self, estimators: Sequence[str]) -> list[dict[str, Any]]:
+        """What each run changes (at least its estimator), for the estimators asked for."""
+        runs = self.runs or [{"estimator": name} for name in dict.fromkeys(estimators)]
+        return [run for run in runs if run["estimator"] in estimators]
 
 
 # MNIST models use the paper's setting (batch 64, SGD, η₀ = 2e-4, k = 1e-4); PAPER.md gives no
