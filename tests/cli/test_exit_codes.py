@@ -15,7 +15,7 @@ from forwardgrad.cli import main
 from forwardgrad.distributed import RankFailure
 from forwardgrad.errors import CheckpointError, ConfigurationError, DataError, NonFiniteLoss
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def failing(error: BaseException):

@@ -25,7 +25,7 @@ from forwardgrad.cli.progress import ProgressDisplay
 from forwardgrad.experiments import Progress, paper
 from forwardgrad.experiments.checkpoints import list_checkpoints
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SIZE, TEST_SIZE = 96, 40
 TINY = ["--dataset", "tiny", "--batch-size", "16", "--threads", "1", "--quiet"]
 
