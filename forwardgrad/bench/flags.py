@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from forwardgrad.bench.suite import PARTS, BenchConfig, bench_distributions, bench_models
+from forwardgrad.cli.flags import comma_separated
 from forwardgrad.errors import ConfigurationError
 
 
 def _numbers(text: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(int(x) for x in comma_separated(text))
     except ValueError:
         raise ConfigurationError(
             f"expected comma-separated integers such as 1,4,16, got {text!r}."
@@ -19,7 +20,7 @@ def _numbers(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
+    return tuple(comma_separated(text))
 
 
 def add_arguments(parser) -> None:

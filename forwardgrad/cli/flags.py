@@ -52,12 +52,17 @@ CONFIG_FLAGS = (
 )
 
 
+def comma_separated(text: str) -> list[str]:
+    """The items of a comma-separated flag value, stripped, empty ones dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def names(choices: Iterable[str] | None = None) -> Callable[[str], list[str]]:
     """An argparse type: a comma-separated list of names, each one of ``choices``."""
     allowed = list(choices) if choices is not None else None
 
     def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
+        items = comma_separated(text)
         if not items:
             raise argparse.ArgumentTypeError("give at least one name, comma-separated")
         for item in items:
@@ -73,7 +78,7 @@ def names(choices: Iterable[str] | None = None) -> Callable[[str], list[str]]:
 def learning_rates(text: str) -> list[float]:
     """An argparse type: comma-separated positive learning rates."""
     try:
-        values = [float(item) for item in text.split(",") if item.strip()]
+        values = [float(item) for item in comma_separated(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a comma-separated list of numbers"

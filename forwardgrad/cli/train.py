@@ -12,6 +12,7 @@ from forwardgrad.cli.flags import UsageError, add_run_flags, config_from_args
 from forwardgrad.cli.runs import PROG, Context, default_out, sweep, write_sweep_record
 from forwardgrad.experiments.config import TrainConfig, load_config
 from forwardgrad.experiments.loop import TrainResult, train
+from forwardgrad.reporting.runs import format_number
 
 
 def add_train(parser: argparse.ArgumentParser) -> None:
@@ -35,9 +36,9 @@ def run_train(args: argparse.Namespace, context: Context) -> int:
     report = reporting.write_run_report(result.run_dir)
     summary = result.summary
     line = f"{summary['label']} on {summary['problem']}: final train loss "
-    line += _number(summary["final_train_loss"], ".4g")
+    line += format_number(summary["final_train_loss"], ".4g", missing="n/a")
     if summary["final_test_accuracy"] is not None:
-        line += ", test accuracy " + _number(summary["final_test_accuracy"], ".4f")
+        line += ", test accuracy " + format_number(summary["final_test_accuracy"], ".4f")
     print(f"{line}\nreport: {report}")
     return 0
 
@@ -59,39 +60,41 @@ def _resume(args: argparse.Namespace, context: Context) -> TrainResult:
         config.data_dir = args.data_dir
     if args.steps is not None or args.epochs is not None:
         config.steps, config.epochs = args.steps, args.epochs
-    context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
-    return train(
-        config,
-        run_dir,
-        context.display,
-        resume=True,
-        download=context.download,
-        world=context.world,
-    )
+    return _train(config, run_dir, context, resume=True)
 
 
 def _start(args: argparse.Namespace, context: Context) -> TrainResult:
     """A new run from the flags; under torchrun --max-restarts, a restarted rank resumes it."""
     config = config_from_args(args)
     run_dir, resume = _run_dir(args, config, context)
-    context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
     record = None
     if args.lr_sweep:
         if not resume and run_dir.is_dir() and any(run_dir.iterdir()):  # before, not after
             raise UsageError(f"{run_dir} already holds files; choose another --out.")
         config, record = sweep(config, args.lr_sweep, args.sweep_steps, context)
-    result = train(
+    result = _train(config, run_dir, context, resume, command=context.argv)
+    if record is not None and context.speaks:
+        write_sweep_record(run_dir, record)
+    return result
+
+
+def _train(
+    config: TrainConfig,
+    run_dir: Path,
+    context: Context,
+    resume: bool,
+    command: list[str] | None = None,
+) -> TrainResult:
+    context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
+    return train(
         config,
         run_dir,
         context.display,
         resume=resume,
         download=context.download,
-        command=context.argv,
+        command=command,
         world=context.world,
     )
-    if record is not None and context.speaks:
-        write_sweep_record(run_dir, record)
-    return result
 
 
 def _run_dir(args: argparse.Namespace, config: TrainConfig, context: Context) -> tuple[Path, bool]:
@@ -102,7 +105,3 @@ def _run_dir(args: argparse.Namespace, config: TrainConfig, context: Context) ->
         return run_dir, False
     restarted = context.world.restart_count > 0 and (run_dir / "config.json").is_file()
     return context.world.broadcast_object((run_dir, restarted), "agreeing on the run directory")
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)

@@ -3,9 +3,8 @@ directory's ``config.json``."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,12 @@ import torch
 
 from forwardgrad.errors import ConfigurationError, ForwardGradError
 from forwardgrad.estimators import ESTIMATORS, Estimator, make_estimator
+from forwardgrad.experiments.checks import (
+    ConfigurationTypeError,
+    check_choice,
+    check_integer,
+    check_number,
+)
 from forwardgrad.experiments.datasets import DATASETS
 from forwardgrad.experiments.optimizers import (
     FRANK_WOLFE,
@@ -31,10 +36,6 @@ from forwardgrad.experiments.problems import (
 from forwardgrad.experiments.rundir import NotARunDirectory, read_json_object
 from forwardgrad.experiments.schema import CONFIG_FILE
 from forwardgrad.optim.constraints import CONSTRAINT_SYNTAX, parse_constraint
-
-
-class ConfigurationTypeError(ConfigurationError, TypeError):
-    """A setting has the wrong type (a float where an integer is needed, ...)."""
 
 
 @dataclass
@@ -224,30 +225,6 @@ def build_estimator(config: TrainConfig, seed: int) -> Estimator:
     except (ValueError, TypeError) as error:
         # The estimators check their own settings; from a config, a refusal is a bad setting.
         raise ConfigurationError(str(error)) from None
-
-
-def check_choice(name: str, value: object, allowed: Iterable[str]) -> None:
-    """Raise unless ``value`` is one of ``allowed`` (a registry's names)."""
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigurationError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}.")
-
-
-def check_number(name: str, value: object, low: float, strict: bool = False) -> None:
-    """Raise unless ``value`` is a finite number at least (``strict``: above) ``low``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationTypeError(f"{name} must be a number, got {value!r}.")
-    if not math.isfinite(value) or value < low or (strict and value == low):
-        bound = f"greater than {low}" if strict else f"at least {low}"
-        raise ConfigurationError(f"{name} must be a finite number {bound}, got {value}.")
-
-
-def check_integer(name: str, value: object, low: int) -> None:
-    """Raise unless ``value`` is an integer at least ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationTypeError(f"{name} must be an integer, got {value!r}.")
-    if value < low:
-        raise ConfigurationError(f"{name} must be at least {low}, got {value}.")
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from forwardgrad.errors import ConfigurationError
+from forwardgrad.experiments.checks import check_choice
 from forwardgrad.optim.constraints import Constraint, L2Ball, NuclearBall, parse_constraint
 from forwardgrad.optim.frank_wolfe import (
     OPEN_LOOP,
@@ -67,10 +68,7 @@ def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimiz
 
     Frank-Wolfe moves any parameter that starts outside its set onto the set, in place.
     """
-    if config.optimizer not in OPTIMIZERS:
-        raise ConfigurationError(
-            f"unknown optimizer {config.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}."
-        )
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
     if config.constraint is not None:
         check_constraint_fits(config.constraint, model)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -142,23 +142,26 @@ class TestFunctionModel(nn.Module):
         return f"{self.function.name}, dim={self.function.dim}"
 
 
-TEST_FUNCTIONS: dict[str, Callable[..., TestFunction]] = {
-    "beale": beale,
+def _beale_in(dim: int) -> TestFunction:
+    if dim != 2:
+        raise ConfigurationError(f"beale is defined in 2 dimensions only, got dim={dim}.")
+    return beale()
+
+
+# Each test function by name, built in a given number of dimensions.
+TEST_FUNCTIONS: dict[str, Callable[[int], TestFunction]] = {
+    "beale": _beale_in,
     "rosenbrock": rosenbrock,
 }
 
 
 def make_test_function(name: str, dim: int = 2) -> TestFunction:
     """The test function ``name`` in ``dim`` dimensions (Beale exists only in 2)."""
-    if name == "beale":
-        if dim != 2:
-            raise ConfigurationError(f"beale is defined in 2 dimensions only, got dim={dim}.")
-        return beale()
-    if name == "rosenbrock":
-        return rosenbrock(dim)
-    raise ConfigurationError(
-        f"unknown test function {name!r}; choose one of {', '.join(TEST_FUNCTIONS)}."
-    )
+    if name not in TEST_FUNCTIONS:
+        raise ConfigurationError(
+            f"unknown test function {name!r}; choose one of {', '.join(TEST_FUNCTIONS)}."
+        )
+    return TEST_FUNCTIONS[name](dim)
 
 
 # --------------------------------------------------------------------------- MNIST models

@@ -10,7 +10,8 @@ from typing import Any
 
 from forwardgrad.errors import ConfigurationError
 from forwardgrad.experiments.callbacks import Progress
-from forwardgrad.experiments.config import TrainConfig, check_number
+from forwardgrad.experiments.checks import check_number
+from forwardgrad.experiments.config import TrainConfig
 from forwardgrad.experiments.loop import TrainingDiverged, TrainingInterrupted, train
 
 DEFAULT_LR_CANDIDATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)

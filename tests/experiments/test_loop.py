@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_params, install_tiny_dataset, read_metrics
+from helpers import final_params, image_config, install_tiny_dataset, read_metrics
 
 from forwardgrad.experiments import (
     CheckpointWarning,
@@ -46,22 +46,6 @@ SUMMARY_KEYS = {
 def tiny_data(tmp_path, monkeypatch) -> Path:
     """A data directory holding the "tiny" data set, registered for this test."""
     return install_tiny_dataset(monkeypatch, tmp_path / "data", TRAIN_SIZE, TEST_SIZE)
-
-
-def image_config(data_dir: Path, **changes) -> TrainConfig:
-    values = dict(
-        problem="logreg",
-        dataset="tiny",
-        data_dir=str(data_dir),
-        batch_size=16,
-        steps=12,
-        lr=0.05,
-        eval_every=5,
-        log_every=1,
-        checkpoint_every=4,
-        threads=1,
-    )
-    return TrainConfig(**{**values, **changes})
 
 
 def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -7,7 +7,7 @@ import json
 import math
 
 import numpy as np
-from helpers import install_tiny_dataset
+from helpers import FRANK_WOLFE, image_config, install_tiny_dataset
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -71,20 +71,7 @@ def test_a_test_function_run_round_trips(tmp_path):
 
 def test_a_frank_wolfe_image_run_round_trips(tmp_path, monkeypatch):
     data = install_tiny_dataset(monkeypatch, tmp_path / "data", 64, 32)
-    config = TrainConfig(
-        problem="logreg",
-        dataset="tiny",
-        data_dir=str(data),
-        optimizer="frank-wolfe",
-        constraint="l1:5",
-        lr="2/(t+2)",
-        lr_decay=0.0,
-        batch_size=16,
-        steps=6,
-        eval_every=3,
-        log_every=1,
-        threads=1,
-    )
+    config = image_config(data, **FRANK_WOLFE, constraint="l1:5", steps=6, eval_every=3)
     train(config, tmp_path / "run")
     assert_read_back(tmp_path / "run", test_function=False, frank_wolfe=True)
     run = read_run(tmp_path / "run")
