@@ -26,6 +26,7 @@ from forwardgrad.bench.contenders import (
     make_step,
 )
 from forwardgrad.errors import ForwardGradError
+from forwardgrad.experiments.files import atomic_write
 from forwardgrad.experiments.memory import reset_high_water_mark, status_bytes
 
 
@@ -63,7 +64,7 @@ def memory_probe(spec: dict) -> dict:
 
 def _probe_main(spec_json: str, out_path: str) -> None:
     """Entry point of the probe subprocess: writes ``memory_probe``'s result as JSON."""
-    Path(out_path).write_text(json.dumps(memory_probe(json.loads(spec_json))))
+    atomic_write(out_path, json.dumps(memory_probe(json.loads(spec_json))))
 
 
 def peak_memory(

@@ -38,6 +38,7 @@ from forwardgrad.errors import ForwardGradError, NonFiniteLoss
 from forwardgrad.estimators import Estimator
 from forwardgrad.experiments import checkpoints as ckpt
 from forwardgrad.experiments.callbacks import (
+    Callback,
     Checkpoints,
     Progress,
     StepRecord,
@@ -153,9 +154,10 @@ def train(
         run = start_run(config, run_dir, loaded, download, world)
         if is_main:
             write_config(run_dir, config, run.steps, command, run.expected_bytes, resume)
-        callbacks = build_callbacks(run, progress, signals, loaded)
+        checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, config.checkpoint_every, loaded)
+        callbacks = build_callbacks(run, progress, signals, checkpoints)
         try:
-            final = run_steps(run, callbacks)
+            final = run_steps(run, callbacks, checkpoints)
         except TrainingDiverged as error:
             write_summary(run, error.step, None)
             raise
@@ -180,10 +182,10 @@ def _load_checkpoint(directory: Path, resume: bool, is_main: bool):
     return loaded
 
 
-def run_steps(run: RunState, callbacks: Sequence) -> StepRecord:
+def run_steps(run: RunState, callbacks: Sequence[Callback], checkpoints: Checkpoints) -> StepRecord:
     """The loop: every step from ``run.start`` to ``run.steps`` between the callbacks' hooks;
-    returns the final row (the final parameters' loss and evaluation)."""
-    checkpoints = next(c for c in callbacks if isinstance(c, Checkpoints))
+    returns the final row (the final parameters' loss and evaluation). ``checkpoints`` (one of
+    the callbacks) also saves the state when a callback stops the run."""
     for callback in callbacks:
         callback.on_start(run)
     run.memory.resume()
@@ -211,7 +213,9 @@ def run_steps(run: RunState, callbacks: Sequence) -> StepRecord:
     return record
 
 
-def _take_step(run: RunState, record: StepRecord, callbacks: Sequence, checkpoints) -> None:
+def _take_step(
+    run: RunState, record: StepRecord, callbacks: Sequence[Callback], checkpoints: Checkpoints
+) -> None:
     """One timed update; a non-finite loss ends the run with ``TrainingDiverged``."""
     started = time.perf_counter()
     closure = run.closure(run.task.next_batch())

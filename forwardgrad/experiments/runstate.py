@@ -28,7 +28,6 @@ from forwardgrad.experiments.memory import PeakMemory
 from forwardgrad.experiments.optimizers import make_optimizer, step_size_at
 from forwardgrad.experiments.rundir import MetricsLog, NoMetricsLog
 from forwardgrad.experiments.schema import (
-    CHECKPOINT_DIR,
     METRICS_FILE,
     SUMMARY_FILE,
     Summary,
@@ -182,7 +181,7 @@ def build_callbacks(
     run: RunState,
     progress: Callable[[cb.Progress], None] | None,
     signals: list[int],
-    loaded: ckpt.LoadedCheckpoint | None,
+    checkpoints: cb.Checkpoints,
 ) -> list[cb.Callback]:
     """The callbacks of a run, in the order they act on each step."""
     config = run.config
@@ -202,7 +201,7 @@ def build_callbacks(
     callbacks.append(cb.MetricsLogger(log, config.log_every))
     if run.world is not None:
         callbacks.append(cb.RankCheck())
-    callbacks.append(cb.Checkpoints(run.run_dir / CHECKPOINT_DIR, config.checkpoint_every, loaded))
+    callbacks.append(checkpoints)
     if progress is not None:
         callbacks.append(cb.ProgressReport(progress))
     callbacks.append(cb.SignalStop(signals))
