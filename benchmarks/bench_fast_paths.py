@@ -1,11 +1,12 @@
 """Forward gradients against backprop on this machine: time per step, tangent sampling, memory.
 
     python benchmarks/bench_fast_paths.py --quick          # about a minute, a smoke test
-    python benchmarks/bench_fast_paths.py --out bench      # the full benchmark of issue 4
+    python benchmarks/bench_fast_paths.py --out bench      # the full benchmark
 
 The same as ``forwardgrad bench``: prints the Markdown tables and writes ``bench.json`` and
-``bench.md`` to ``--out``. The method is described in ``forwardgrad/bench.py``. CPU timings are
-noisy where other work shares the cores: the table states the load average before and after.
+``bench.md`` to ``--out``. The method is described in ``forwardgrad/bench/__init__.py``. CPU
+timings are noisy where other work shares the cores: the table states the load average before and
+after.
 """
 
 import argparse

@@ -23,9 +23,6 @@ from forwardgrad.estimators import (
     make_estimator,
     zeroth_order_grad,
 )
-from forwardgrad.experiments.datasets import DataError, load_dataset
-from forwardgrad.experiments.problems import make_model, make_test_function
-from forwardgrad.experiments.training import TrainConfig, TrainingDiverged, train
 from forwardgrad.jvp import Directional, FallbackWarning, directional_derivatives
 from forwardgrad.optim.constraints import (
     Constraint,
@@ -56,7 +53,6 @@ __all__ = [
     "UnsupportedOperation",
     "directional_derivatives",
     "Constraint",
-    "DataError",
     "Estimator",
     "EstimatorError",
     "ForwardGradient",
@@ -68,19 +64,13 @@ __all__ = [
     "LinfBall",
     "NuclearBall",
     "Simplex",
-    "TrainConfig",
-    "TrainingDiverged",
     "ZerothOrder",
     "backprop_grad",
     "combine",
     "forward_grad",
-    "load_dataset",
     "make_estimator",
-    "make_model",
-    "make_test_function",
     "parse_constraint",
     "sample_tangents",
-    "train",
     "zeroth_order_grad",
     "__version__",
 ]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from forwardgrad.experiments import TrainConfig
 from forwardgrad.experiments import datasets as data
 from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
 
@@ -64,3 +65,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
 def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model state of the run's newest checkpoint."""
     return read_checkpoint(list_checkpoints(run_dir / "checkpoints")[0][1])["model"]
+
+
+def image_config(data_dir: Path, **changes) -> TrainConfig:
+    """A short logreg run on the "tiny" data set in ``data_dir``, one thread, every step logged."""
+    values = dict(
+        problem="logreg",
+        dataset="tiny",
+        data_dir=str(data_dir),
+        batch_size=16,
+        steps=12,
+        lr=0.05,
+        eval_every=5,
+        log_every=1,
+        checkpoint_every=4,
+        threads=1,
+    )
+    return TrainConfig(**{**values, **changes})
+
+
+# Frank-Wolfe with its own step size 2/(t+2) (add constraint=...).
+FRANK_WOLFE = {"optimizer": "frank-wolfe", "lr": "2/(t+2)", "lr_decay": 0.0}

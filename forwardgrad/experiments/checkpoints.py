@@ -7,9 +7,8 @@ A checkpoint file is a small header followed by a `torch.save` payload:
     <payload>
 
 The digest lets `load_latest_checkpoint` tell a truncated or bit-flipped file from a good one,
-which `torch.load` alone does not always notice. Files are written to a temporary name in the
-same directory, flushed to disk, then renamed over the final name (`os.replace` is atomic on
-POSIX and Windows), so a crash mid-write never leaves a half-written checkpoint under a real name.
+which `torch.load` alone does not always notice. Files are written by `files.atomic_file`, so a
+crash mid-write never leaves a half-written checkpoint under a real name.
 """
 
 from __future__ import annotations
@@ -26,13 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from forwardgrad.errors import CheckpointError, ConfigurationError
+from forwardgrad.experiments.files import atomic_write
+
 MAGIC = b"forwardgrad-checkpoint v1\n"
 KEEP_LAST = 2
 _NAME = re.compile(r"^step-(\d{8,})\.ckpt$")
-
-
-class CheckpointError(ValueError):
-    """No usable checkpoint: every file found was corrupt or unreadable."""
 
 
 @dataclass
@@ -85,7 +83,9 @@ def save_checkpoint(
         The path of the new checkpoint.
     """
     if keep < 1:
-        raise ValueError(f"keep must be at least 1 so the new checkpoint survives, got {keep}.")
+        raise ConfigurationError(
+            f"keep must be at least 1 so the new checkpoint survives, got {keep}."
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
@@ -93,17 +93,7 @@ def save_checkpoint(
     payload = buffer.getvalue()
     digest = hashlib.sha256(payload).hexdigest().encode("ascii")
 
-    final = checkpoint_path(directory, step)
-    temporary = directory / f".{final.name}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, "wb") as file:
-            file.write(MAGIC + digest + b"\n" + payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
-    _fsync_directory(directory)
+    final = atomic_write(checkpoint_path(directory, step), MAGIC + digest + b"\n" + payload)
 
     for _, old in list_checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
@@ -172,17 +162,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])  # noqa: NPY002
     random.setstate(state["python"])
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible (nor needed) on Windows.
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -3,21 +3,30 @@
 Baydin et al., *Gradients without Backpropagation* (arXiv 2202.08587), sections on test functions
 and MNIST; the model shapes are those of PAPER.md. Test functions are plain objects; wrap one in
 ``TestFunctionModel`` to train it through the same ``nn.Module`` path as the networks.
+
+``PROBLEMS`` is the registry that the training loop, the command line, the report and the
+benchmark read: one ``Problem`` per name, saying what kind it is and the settings it trains with
+when the user gives none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import nn
+
+from forwardgrad.errors import ConfigurationError
 
 __all__ = [
     "CNN",
     "MLP",
     "MODELS",
     "PROBLEMS",
+    "Problem",
     "TEST_FUNCTIONS",
     "LogisticRegression",
     "TestFunction",
@@ -26,6 +35,7 @@ __all__ = [
     "cnn",
     "logistic_regression",
     "make_model",
+    "is_test_function",
     "make_test_function",
     "mlp",
     "rosenbrock",
@@ -100,7 +110,7 @@ def rosenbrock(n: int = 2) -> TestFunction:
     [-2, 2] x [-1, 3].
     """
     if n < 2:
-        raise ValueError(f"rosenbrock needs n >= 2 dimensions, got n={n}.")
+        raise ConfigurationError(f"rosenbrock needs n >= 2 dimensions, got n={n}.")
     return TestFunction(
         name="rosenbrock",
         fn=_rosenbrock,
@@ -132,21 +142,26 @@ class TestFunctionModel(nn.Module):
         return f"{self.function.name}, dim={self.function.dim}"
 
 
-TEST_FUNCTIONS: dict[str, Callable[..., TestFunction]] = {
-    "beale": beale,
+def _beale_in(dim: int) -> TestFunction:
+    if dim != 2:
+        raise ConfigurationError(f"beale is defined in 2 dimensions only, got dim={dim}.")
+    return beale()
+
+
+# Each test function by name, built in a given number of dimensions.
+TEST_FUNCTIONS: dict[str, Callable[[int], TestFunction]] = {
+    "beale": _beale_in,
     "rosenbrock": rosenbrock,
 }
 
 
 def make_test_function(name: str, dim: int = 2) -> TestFunction:
     """The test function ``name`` in ``dim`` dimensions (Beale exists only in 2)."""
-    if name == "beale":
-        if dim != 2:
-            raise ValueError(f"beale is defined in 2 dimensions only, got dim={dim}.")
-        return beale()
-    if name == "rosenbrock":
-        return rosenbrock(dim)
-    raise ValueError(f"unknown test function {name!r}; choose one of {', '.join(TEST_FUNCTIONS)}.")
+    if name not in TEST_FUNCTIONS:
+        raise ConfigurationError(
+            f"unknown test function {name!r}; choose one of {', '.join(TEST_FUNCTIONS)}."
+        )
+    return TEST_FUNCTIONS[name](dim)
 
 
 # --------------------------------------------------------------------------- MNIST models
@@ -224,11 +239,57 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "cnn": cnn,
 }
 
-PROBLEMS: tuple[str, ...] = (*TEST_FUNCTIONS, *MODELS)
-
 
 def make_model(name: str, num_classes: int = 10) -> nn.Module:
     """A freshly initialised (PyTorch default init) MNIST model by name: logreg, mlp or cnn."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+        raise ConfigurationError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
     return MODELS[name](num_classes)
+
+
+# --------------------------------------------------------------------------- the registry
+
+TEST_FUNCTION = "test function"
+IMAGE_CLASSIFICATION = "image classification"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A problem known by name.
+
+    Attributes:
+        name: what ``--problem`` and ``config.json`` call it.
+        kind: ``TEST_FUNCTION`` (no data; ``dim`` applies) or ``IMAGE_CLASSIFICATION`` (a model
+            trained on a data set).
+        defaults: settings (TrainConfig fields) used where the user gives none; the paper's
+            MNIST lr 2e-4 barely moves a test function, so those bring their own.
+    """
+
+    name: str
+    kind: str
+    defaults: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def is_test_function(self) -> bool:
+        return self.kind == TEST_FUNCTION
+
+
+# Plain gradient descent converges at these settings on both test functions.
+_TEST_FUNCTION_DEFAULTS = {
+    "beale": {"lr": 0.01, "lr_decay": 0.0, "steps": 2000, "log_every": 5},
+    "rosenbrock": {"lr": 1e-3, "lr_decay": 0.0, "steps": 5000, "log_every": 10},
+}
+
+PROBLEMS: dict[str, Problem] = {
+    **{
+        name: Problem(name, TEST_FUNCTION, MappingProxyType(_TEST_FUNCTION_DEFAULTS[name]))
+        for name in TEST_FUNCTIONS
+    },
+    **{name: Problem(name, IMAGE_CLASSIFICATION) for name in MODELS},
+}
+
+
+def is_test_function(name: str | None) -> bool:
+    """Whether ``name`` is a registered test function (False for unknown names)."""
+    problem = PROBLEMS.get(name)  # type: ignore[arg-type]
+    return problem is not None and problem.is_test_function

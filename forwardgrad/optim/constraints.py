@@ -30,6 +30,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from forwardgrad.errors import ConfigurationError
+
 __all__ = [
     "Constraint",
     "L1Ball",
@@ -40,16 +42,15 @@ __all__ = [
     "KSparsePolytope",
     "parse_constraint",
     "top_singular_pair",
+    "CONSTRAINT_SETS",
     "CONSTRAINT_SYNTAX",
 ]
-
-CONSTRAINT_SYNTAX = "l1:R, l2:R, linf:R, simplex:R, nuclear:R or k-sparse:K:R (e.g. 'l1:5')"
 
 
 def _check_radius(owner: str, radius: object) -> float:
     ok = isinstance(radius, (int, float)) and not isinstance(radius, bool)
     if not ok or not math.isfinite(radius) or radius <= 0:
-        raise ValueError(
+        raise ConfigurationError(
             f"{owner} radius must be a positive finite number, got {radius!r}; "
             f"pass e.g. {owner}(5.0) or the string form {CONSTRAINT_SYNTAX}."
         )
@@ -236,14 +237,14 @@ class NuclearBall(Constraint):
     def __post_init__(self):
         object.__setattr__(self, "radius", _check_radius("NuclearBall", self.radius))
         if not isinstance(self.power_iterations, int) or self.power_iterations < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"NuclearBall power_iterations must be a positive integer, "
                 f"got {self.power_iterations!r}."
             )
 
     def check_param(self, param: Tensor) -> None:
         if param.dim() != 2:
-            raise ValueError(
+            raise ConfigurationError(
                 f"a nuclear-norm constraint needs a matrix (2-D) parameter, got shape "
                 f"{tuple(param.shape)}; put matrices in their own parameter group and give "
                 f"biases and conv kernels another constraint."
@@ -284,7 +285,7 @@ class KSparsePolytope(Constraint):
 
     def __post_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"KSparsePolytope k must be a positive integer, got {self.k!r}; "
                 f"e.g. KSparsePolytope(k=10, radius=1.0) or 'k-sparse:10:1'."
             )
@@ -295,7 +296,7 @@ class KSparsePolytope(Constraint):
 
     def check_param(self, param: Tensor) -> None:
         if self.k > param.numel():
-            raise ValueError(
+            raise ConfigurationError(
                 f"k-sparse constraint has k={self.k} but the parameter of shape "
                 f"{tuple(param.shape)} has only {param.numel()} entries; choose k <= "
                 f"{param.numel()}."
@@ -391,7 +392,15 @@ def top_singular_pair(
     return u / sigma, sigma, v
 
 
-_BY_NAME = {cls.name: cls for cls in (L1Ball, L2Ball, LinfBall, Simplex, NuclearBall)}
+# The registry of constraint sets, by the name of their command-line form; the command line, the
+# training loop read it. Every set is NAME:RADIUS, except the k-sparse polytope (K:RADIUS).
+CONSTRAINT_SETS: dict[str, type[Constraint]] = {
+    cls.name: cls for cls in (L1Ball, L2Ball, LinfBall, Simplex, NuclearBall, KSparsePolytope)
+}
+_FORMS = [
+    f"{name}:{'K:' if cls is KSparsePolytope else ''}R" for name, cls in CONSTRAINT_SETS.items()
+]
+CONSTRAINT_SYNTAX = f"{', '.join(_FORMS[:-1])} or {_FORMS[-1]} (e.g. 'l1:5')"
 
 
 def parse_constraint(spec: str | Constraint) -> Constraint:
@@ -412,8 +421,8 @@ def parse_constraint(spec: str | Constraint) -> Constraint:
             f"{type(spec).__name__}; write one of {CONSTRAINT_SYNTAX}."
         )
     name, *fields = [field.strip() for field in spec.strip().lower().split(":")]
-    if name != "k-sparse" and name not in _BY_NAME:
-        raise ValueError(f"unknown constraint {spec!r}; write one of {CONSTRAINT_SYNTAX}.")
+    if name not in CONSTRAINT_SETS:
+        raise ConfigurationError(f"unknown constraint {spec!r}; write one of {CONSTRAINT_SYNTAX}.")
     expected = 2 if name == "k-sparse" else 1
     if len(fields) != expected:
         form, example = (
@@ -421,20 +430,22 @@ def parse_constraint(spec: str | Constraint) -> Constraint:
             if expected == 2
             else (f"{name}:RADIUS", f"{name}:5")
         )
-        raise ValueError(f"constraint {spec!r} should be written {form}, e.g. '{example}'.")
+        raise ConfigurationError(f"constraint {spec!r} should be written {form}, e.g. '{example}'.")
     try:
         radius = float(fields[-1])
     except ValueError:
-        raise ValueError(
+        raise ConfigurationError(
             f"constraint {spec!r} has radius {fields[-1]!r}, which is not a number; "
             f"write e.g. '{name}:5'."
         ) from None
     if not math.isfinite(radius) or radius <= 0:
-        raise ValueError(f"constraint {spec!r} needs a positive finite radius, got {fields[-1]}.")
+        raise ConfigurationError(
+            f"constraint {spec!r} needs a positive finite radius, got {fields[-1]}."
+        )
     if name != "k-sparse":
-        return _BY_NAME[name](radius)
+        return CONSTRAINT_SETS[name](radius)
     if not fields[0].isdigit() or int(fields[0]) < 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"constraint {spec!r} needs a positive integer K in k-sparse:K:RADIUS, got "
             f"{fields[0]!r}; write e.g. 'k-sparse:10:1'."
         )

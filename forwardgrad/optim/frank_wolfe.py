@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from forwardgrad.errors import ConfigurationError
 from forwardgrad.optim.constraints import Constraint, parse_constraint
 
-__all__ = ["FrankWolfe", "open_loop_step_size", "averaging_rate"]
+__all__ = ["FrankWolfe", "averaging_rate", "check_schedule", "open_loop_step_size"]
 
 OPEN_LOOP = "2/(t+2)"
 DECAYING_AVERAGE = "4/(t+8)^(2/3)"
@@ -55,17 +56,18 @@ def _schedule_value(schedule: str | float, named: str, rule, t: int) -> float:
     return rule(t) if schedule == named else float(schedule)
 
 
-def _check_schedule(what: str, schedule: Any, named: str) -> None:
+def check_schedule(what: str, schedule: Any, named: str = OPEN_LOOP) -> None:
+    """Raise ``ConfigurationError`` unless ``schedule`` is the named one or a constant in (0, 1]."""
     if isinstance(schedule, str):
         if schedule != named:
-            raise ValueError(
+            raise ConfigurationError(
                 f"FrankWolfe {what}={schedule!r} is not a known schedule; pass {named!r} or a "
                 f"constant number in (0, 1]."
             )
         return
     is_number = isinstance(schedule, (int, float)) and not isinstance(schedule, bool)
     if not is_number or not 0 < schedule <= 1:
-        raise ValueError(
+        raise ConfigurationError(
             f"FrankWolfe {what} must be {named!r} or a constant in (0, 1], got {schedule!r}; "
             f"a step outside (0, 1] would leave the constraint set."
         )
@@ -114,13 +116,13 @@ class FrankWolfe(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         group = {**self.defaults, **param_group}
         if group["constraint"] is None:
-            raise ValueError(
+            raise ConfigurationError(
                 "FrankWolfe needs a constraint set: pass constraint='l1:5' (or a Constraint) "
                 "to FrankWolfe, or a 'constraint' key in every parameter group."
             )
         constraint = parse_constraint(group["constraint"])
-        _check_schedule("lr", group["lr"], OPEN_LOOP)
-        _check_schedule("rho", group["rho"], DECAYING_AVERAGE)
+        check_schedule("lr", group["lr"], OPEN_LOOP)
+        check_schedule("rho", group["rho"], DECAYING_AVERAGE)
         super().add_param_group({**param_group, "constraint": constraint})
         group_index = len(self.param_groups) - 1
         for index, param in enumerate(self.param_groups[-1]["params"]):
@@ -156,7 +158,7 @@ class FrankWolfe(torch.optim.Optimizer):
         group_gaps, step_sizes = [], []
         for group in self.param_groups:
             # Checked again here: a training loop may have overwritten group["lr"] since.
-            _check_schedule("lr", group["lr"], OPEN_LOOP)
+            check_schedule("lr", group["lr"], OPEN_LOOP)
             gap, gamma = torch.zeros(()), None
             for param in group["params"]:
                 if param.grad is None:

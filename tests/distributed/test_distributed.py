@@ -385,7 +385,7 @@ TRAIN_SIZE, TEST_SIZE = 96, 40
 # itself (SIGKILL) in training step KILL_RANK1_AT_STEP, if that is set.
 LAUNCHER = f"""
 import os, runpy, signal, sys
-from forwardgrad.experiments import datasets as data, training
+from forwardgrad.experiments import datasets as data, loop
 
 data.DATASETS["tiny"] = data.DatasetSpec(
     name="tiny", mirrors=(), sha256=None, gz_md5=None, train_size={TRAIN_SIZE},
@@ -393,7 +393,7 @@ data.DATASETS["tiny"] = data.DatasetSpec(
 )
 kill_at = int(os.environ.get("KILL_RANK1_AT_STEP", "0"))
 if kill_at and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-    step, calls = training.train_step, []
+    step, calls = loop.train_step, []
 
     def dying(*args, **kwargs):
         calls.append(1)
@@ -401,7 +401,7 @@ if kill_at and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_CO
             os.kill(os.getpid(), signal.SIGKILL)
         return step(*args, **kwargs)
 
-    training.train_step = dying
+    loop.train_step = dying
 sys.argv[0] = "forwardgrad"
 runpy.run_module("forwardgrad", run_name="__main__")
 """

@@ -10,19 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import final_params, install_tiny_dataset, read_metrics
+from helpers import FRANK_WOLFE, final_params, image_config, install_tiny_dataset, read_metrics
 from torch import nn
 
-from forwardgrad import cli
 from forwardgrad.cli import main
+from forwardgrad.experiments import paper, train
 from forwardgrad.experiments.checkpoints import list_checkpoints, read_checkpoint
+from forwardgrad.experiments.optimizers import constraint_for, exact_frank_wolfe_gap
 from forwardgrad.experiments.problems import make_model
-from forwardgrad.experiments.training import (
-    TrainConfig,
-    constraint_for,
-    exact_frank_wolfe_gap,
-    train,
-)
 from forwardgrad.optim.frank_wolfe import FrankWolfe
 
 TRAIN_SIZE, TEST_SIZE = 64, 32
@@ -50,20 +45,8 @@ CONSTRAINTS = ["l1:2", "l2:1", "linf:0.01", "simplex:1", "nuclear:3", "k-sparse:
 
 @pytest.mark.parametrize("constraint", CONSTRAINTS)
 def test_every_saved_parameter_stays_in_its_set(constraint, tiny_data, tmp_path):
-    config = TrainConfig(
-        problem="logreg",
-        dataset="tiny",
-        estimator="forward",
-        optimizer="frank-wolfe",
-        constraint=constraint,
-        lr="2/(t+2)",
-        lr_decay=0.0,
-        batch_size=16,
-        steps=6,
-        eval_every=3,
-        log_every=1,
-        checkpoint_every=3,
-        threads=1,
+    config = image_config(
+        tiny_data, **FRANK_WOLFE, constraint=constraint, steps=6, eval_every=3, checkpoint_every=3
     )
     train(config, tmp_path / "run")
     params = final_params(tmp_path / "run")
@@ -172,9 +155,9 @@ def test_compare_averaged_and_raw(tiny_data, tmp_path, capsys):
 
 
 def test_reproduce_runs_the_constrained_experiment(tiny_data, tmp_path, capsys, monkeypatch):
-    (experiment,) = [e for e in cli.EXPERIMENTS if e.name == "logreg-frank-wolfe"]
+    (experiment,) = [e for e in paper.EXPERIMENTS if e.name == "logreg-frank-wolfe"]
     tiny = {**experiment.quick, "steps": 4, "eval_every": 2, "log_every": 1, "tangents": 2}
-    monkeypatch.setattr(cli, "EXPERIMENTS", (replace(experiment, quick=tiny),))
+    monkeypatch.setattr(paper, "EXPERIMENTS", (replace(experiment, quick=tiny),))
     out_dir = tmp_path / "repro"
     code, _, err = run(
         ["reproduce", "--dataset", "tiny", "--threads", "1", "--quiet", "--out", out_dir], capsys

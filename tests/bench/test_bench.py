@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from forwardgrad import bench, cli
+from forwardgrad import bench
+from forwardgrad.cli import main
 
 
 def test_alternate_rotates_the_order_and_discards_warmup():
@@ -165,8 +166,8 @@ def test_config_from_flags():
 def test_cli_bench(tmp_path, capsys):
     argv = ["bench", "--quick", "--models", "logreg", "--rounds", "1", "--tangents", "1"]
     argv += ["--skip", "memory", "--out", str(tmp_path)]
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| logreg | 64 |" in out and "Tangent sampling" in out
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
-    assert cli.main(["bench", "--models", "resnet", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--models", "resnet", "--out", str(tmp_path)]) == 2

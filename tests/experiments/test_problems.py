@@ -49,7 +49,7 @@ def autograd(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_problem_names():
-    assert PROBLEMS == ("beale", "rosenbrock", "logreg", "mlp", "cnn")
+    assert tuple(PROBLEMS) == ("beale", "rosenbrock", "logreg", "mlp", "cnn")
     assert set(TEST_FUNCTIONS) | set(MODELS) == set(PROBLEMS)
 
 

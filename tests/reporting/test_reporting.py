@@ -11,17 +11,19 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from forwardgrad import reporting
 from forwardgrad.reporting import (
     find_run_dirs,
     loss_threshold,
     plot_runs,
+    plots,
     read_run,
     smoothed_train_loss,
     time_to_threshold,
     write_comparison_report,
     write_run_report,
 )
+from forwardgrad.reporting.tables import Section
+from forwardgrad.reporting.thresholds import SMOOTHING_ROWS
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BASE_COLUMNS = ["step", "time_s", "train_loss", "lr", "test_loss", "test_accuracy"]
@@ -248,7 +250,7 @@ def test_smoothing_is_a_trailing_mean_for_minibatch_losses(tmp_path):
     losses = np.arange(1.0, 31.0)
     run = read_run(make_run(tmp_path / "run", losses=losses))
     smoothed = smoothed_train_loss(run)
-    window = reporting.SMOOTHING_ROWS
+    window = SMOOTHING_ROWS
     assert smoothed[0] == 1.0
     assert smoothed[3] == pytest.approx(np.mean(losses[:4]))
     assert smoothed[-1] == pytest.approx(np.mean(losses[-window:]))
@@ -274,7 +276,7 @@ def test_diverged_run_is_shown_not_fatal(tmp_path):
     assert row["final train loss"] == "diverged after step 28"
     assert row["steps to threshold"] == "not reached"
     # The threshold comes from the run that did not diverge (its final smoothed loss).
-    expected = np.mean(losses[-reporting.SMOOTHING_ROWS :])
+    expected = np.mean(losses[-SMOOTHING_ROWS:])
     assert f"Loss threshold: {expected:.4g}." in report
     for name in ("loss_vs_steps", "loss_vs_time", "test_accuracy"):
         assert_valid_png(tmp_path / "out" / f"mlp_{name}.png")
@@ -341,17 +343,17 @@ def test_beale_trajectory_is_drawn_over_a_contour(tmp_path):
     path = np.linspace([-1.0, 1.5], [2.9, 0.45], 30)
     losses = np.geomspace(10, 0.1, 30)
     run = read_run(make_run(tmp_path / "run", problem="beale", losses=losses, trajectory=path))
-    function = reporting._test_function(run)
+    function = plots.test_function_of(run)
     assert function is not None, (
         "forwardgrad.experiments.problems.make_test_function('beale', 2) failed"
     )
     # The grid holds the function itself: Beale is 0 at its minimum (3, 0.5), 14.203125 at 0.
-    values = reporting._evaluate_on_grid(function.fn, np.array([0.0, 3.0]), np.array([0.0, 0.5]))
+    values = plots.evaluate_on_grid(function.fn, np.array([0.0, 3.0]), np.array([0.0, 0.5]))
     assert values[0, 0] == pytest.approx(14.203125)
     assert values[1, 1] == pytest.approx(0.0, abs=1e-12)
-    figure, (ax,) = reporting._new_figure(1)
-    section = reporting._Section("t", "h", [run], show_lr=False, threshold=None)
-    reporting._plot_trajectories(ax, section, {run.label: "red"}, function)
+    figure, (ax,) = plots.new_figure(1)
+    section = Section("t", "h", [run], show_lr=False, threshold=None)
+    plots.plot_trajectories(ax, section, {run.label: "red"}, function)
     assert ax.collections, "no contour was drawn"
     write_run_report(run.path)
     assert_valid_png(run.path / "trajectories.png")

@@ -20,12 +20,12 @@ import pytest
 import torch
 from helpers import final_params, install_tiny_dataset, read_metrics
 
-from forwardgrad import cli
-from forwardgrad.cli import ProgressDisplay, main
+from forwardgrad.cli import main
+from forwardgrad.cli.progress import ProgressDisplay
+from forwardgrad.experiments import Progress, paper
 from forwardgrad.experiments.checkpoints import list_checkpoints
-from forwardgrad.experiments.training import Progress
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SIZE, TEST_SIZE = 96, 40
 TINY = ["--dataset", "tiny", "--batch-size", "16", "--threads", "1", "--quiet"]
 
@@ -147,11 +147,11 @@ def test_compare_with_lr_sweep_records_the_choice(tmp_path, capsys):
 def test_reproduce_runs_every_planned_experiment(tiny_data, tmp_path, capsys, monkeypatch):
     tiny = {"steps": 6, "eval_every": 3, "log_every": 1, "sweep_steps": 3}
     monkeypatch.setattr(
-        cli,
+        paper,
         "EXPERIMENTS",
         (
-            cli.Experiment("beale", {**tiny, "lr": 0.01}, {}, (1e-3, 1e-2)),
-            cli.Experiment("logreg", tiny, {}, (1e-2, 1e-1)),
+            paper.Experiment("beale", {**tiny, "lr": 0.01}, {}, (1e-3, 1e-2)),
+            paper.Experiment("logreg", tiny, {}, (1e-2, 1e-1)),
         ),
     )
     out_dir = tmp_path / "repro"

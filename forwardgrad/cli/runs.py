@@ -1,0 +1,151 @@
+"""Running the runs a command plans: learning-rate sweeps first where asked, runs already on disk
+kept or resumed, a diverged run reported and the rest carried on, then the reports."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from forwardgrad import reporting
+from forwardgrad.cli.flags import UsageError
+from forwardgrad.cli.progress import ProgressDisplay
+from forwardgrad.distributed import World
+from forwardgrad.experiments.config import TrainConfig, load_config
+from forwardgrad.experiments.datasets import load_dataset
+from forwardgrad.experiments.files import write_json
+from forwardgrad.experiments.loop import TrainingDiverged, train
+from forwardgrad.experiments.rundir import read_json_object
+from forwardgrad.experiments.schema import CONFIG_FILE, LR_SWEEP_FILE, SUMMARY_FILE
+from forwardgrad.experiments.sweep import sweep_learning_rate
+
+PROG = "forwardgrad"
+
+
+@dataclass
+class Context:
+    """What every subcommand needs besides its flags."""
+
+    argv: list[str]
+    display: ProgressDisplay
+    download: bool
+    resume_hint: str = ""  # how to continue after an interrupt, set once the output is known
+    world: World | None = None  # this rank, under torchrun
+
+    @property
+    def speaks(self) -> bool:
+        """Whether this process prints: always, except ranks other than 0 of a distributed job."""
+        return self.world is None or self.world.is_main
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One run of a comparison; with ``candidates``, its lr is chosen by a sweep first."""
+
+    config: TrainConfig
+    run_dir: Path
+    candidates: Sequence[float] | None = None
+    sweep_steps: int | None = None
+
+
+def default_out(kind: str) -> Path:
+    """``runs/<kind>-<time>``: where a command writes when ``--out`` is not given."""
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def continue_hint(argv: Sequence[str], out: Path) -> str:
+    """The command again, with ``--out`` set, which continues an interrupted comparison."""
+    argv = list(argv)
+    if "--out" not in argv and not any(arg.startswith("--out=") for arg in argv):
+        argv += ["--out", str(out)]
+    return shlex.join(argv)
+
+
+def sweep(
+    config: TrainConfig, candidates: Sequence[float], steps: int | None, context: Context
+) -> tuple[TrainConfig, dict]:
+    """Run the lr sweep for ``config``; the tuned config and what to record about the sweep."""
+    steps = steps or max(1, (config.steps or 1000) // 4)
+    result = sweep_learning_rate(
+        config, candidates, steps=steps, progress=context.display, download=context.download
+    )
+    context.display.close()
+    return replace(config, lr=result.best_lr, lr_selected_by="sweep"), result.record(steps)
+
+
+def write_sweep_record(run_dir: Path, record: dict) -> None:
+    """``lr_sweep.json``: how the run's learning rate was chosen."""
+    write_json(run_dir / LR_SWEEP_FILE, record)
+
+
+# Fields that may differ between a planned run and the run found on disk without changing what
+# the run computes (threads are resolved when training starts).
+_IRRELEVANT = {"data_dir", "threads", "eval_every", "log_every", "checkpoint_every"}
+
+
+def _same_settings(config: TrainConfig, run_dir: Path, tuned: bool) -> bool:
+    stored = read_json_object(run_dir / CONFIG_FILE)
+    skip = set(_IRRELEVANT)
+    if tuned:
+        skip |= {"lr", "lr_selected_by"}
+    if config.epochs is not None:
+        skip.add("steps")
+    # A field newer than the stored run (e.g. constraint) counts as its default there.
+    defaults = asdict(TrainConfig())
+    return all(stored.get(k, defaults[k]) == v for k, v in asdict(config).items() if k not in skip)
+
+
+def _run_or_continue(planned: Planned, context: Context) -> Path:
+    """Train into the planned run directory, or keep the run already there if it has the same
+    settings: a finished one is kept, an interrupted one resumed. So rerunning an interrupted
+    ``compare`` or ``reproduce`` with the same flags and ``--out`` continues it."""
+    config, run_dir, tuned = planned.config, planned.run_dir, planned.candidates is not None
+    if (run_dir / CONFIG_FILE).is_file():
+        if not _same_settings(config, run_dir, tuned):
+            raise UsageError(
+                f"{run_dir} holds a run with other settings; choose another --out or delete it."
+            )
+        if not (run_dir / SUMMARY_FILE).is_file():
+            stored = replace(load_config(run_dir), data_dir=config.data_dir)
+            train(stored, run_dir, context.display, resume=True, download=context.download)
+        return run_dir
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise UsageError(f"{run_dir} holds files but no run; choose another --out or delete it.")
+    record = None
+    if tuned:
+        config, record = sweep(config, planned.candidates, planned.sweep_steps, context)
+    train(config, run_dir, context.display, download=context.download, command=context.argv)
+    if record is not None:
+        write_sweep_record(run_dir, record)
+    return run_dir
+
+
+def run_all(plan: Sequence[Planned], context: Context) -> list[Path]:
+    """Run every planned run in order; a diverged run is reported, kept, and the rest go on."""
+    # Check every setting and data set before the first run starts, not an hour into it.
+    checked = set()
+    for planned in plan:
+        config = planned.config.validate()
+        if config.dataset is not None and (config.dataset, config.data_dir) not in checked:
+            load_dataset(config.dataset, config.data_dir, context.download)
+            checked.add((config.dataset, config.data_dir))
+    done = []
+    for planned in plan:
+        try:
+            done.append(_run_or_continue(planned, context))
+        except TrainingDiverged as error:
+            context.display.close()
+            print(f"{PROG}: warning: {planned.run_dir}: {error}", file=sys.stderr)
+            done.append(planned.run_dir)
+        context.display.close()
+    return done
+
+
+def write_reports(out: Path, run_dirs: Sequence[Path], title: str) -> Path:
+    """Each run's report, and the comparison's in ``out``; returns the comparison's."""
+    for run_dir in run_dirs:
+        reporting.write_run_report(run_dir)
+    return reporting.write_comparison_report(out, run_dirs, title=title)
