@@ -1,0 +1,95 @@
+"""The zoo's state table: per model, its forward time, exactness, path and step-time ratio."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+
+from forwardgrad.zoo import diagnostics, harness
+from forwardgrad.zoo.registry import CASES, ZooCase
+
+DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model's line. Relative errors are the worse of train and eval mode (NaN: the step
+    failed, ``error`` says how); ``timing`` is ``None`` when the step could not be timed."""
+
+    case: ZooCase
+    parameters: int
+    errors: dict[torch.dtype, float]
+    timing: harness.Timing | None
+    path: harness.PathInfo
+    error: str | None
+
+
+def measure(case: ZooCase, size: str = "bench", rounds: int = 7) -> Row:
+    """Exactness in float32 and float64, train and eval mode, and the step timing of ``case``."""
+    checks = [
+        harness.check_exactness(case, size, d, train) for d in DTYPES for train in (True, False)
+    ]
+    errors = {d: max(c.relative_error for c in checks if c.dtype == d) for d in DTYPES}
+    failed = [c.error for c in checks if c.error]
+    parameters = sum(p.numel() for p in case.instantiate(size).model.parameters())
+    timing, error = None, failed[0] if failed else None
+    try:
+        timing = harness.time_steps(case, size, rounds=rounds)
+    except Exception as caught:  # reported in the table
+        error = error or diagnostics.one_line(caught)
+    path = timing.path if timing is not None else checks[0].path
+    return Row(case, parameters, errors, timing, path, error)
+
+
+def state_table(
+    names: Iterable[str] | None = None,
+    size: str = "bench",
+    rounds: int = 7,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Measure every case in ``names`` (default: all that can be built here)."""
+    rows = []
+    for name in names if names is not None else CASES:
+        case = CASES[name]
+        if case.unavailable() is not None:
+            continue
+        if progress is not None:
+            progress(name)
+        rows.append(measure(case, size, rounds))
+    return rows
+
+
+def _error_cell(value: float) -> str:
+    return "fails" if math.isnan(value) else f"{value:.1e}"
+
+
+def format_table(rows: list[Row]) -> str:
+    """A Markdown table, then a summary line (fast-path share, median ratio)."""
+    lines = [
+        "| model | family | params | forward ms | rel. err f32 | rel. err f64 | path "
+        "| fallback (first op) | FG/BP step [q1, q3] |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        t = row.timing
+        forward = f"{1e3 * t.forward:.1f}" if t else "-"
+        ratio = f"{t.ratio:.2f} [{t.ratio_low:.2f}, {t.ratio_high:.2f}]" if t else "-"
+        fallback = row.path.fallback or ""
+        if row.error:
+            fallback = f"{fallback}; error: {row.error}" if fallback else f"error: {row.error}"
+        f32, f64 = (_error_cell(row.errors[d]) for d in DTYPES)
+        lines.append(
+            f"| {row.case.name} | {row.case.family} | {row.parameters / 1e6:.2f}M | {forward} "
+            f"| {f32} | {f64} "
+            f"| {row.path.path or '?'} | {fallback.replace('|', '/')} | {ratio} |"
+        )
+    ratios = [r.timing.ratio for r in rows if r.timing]
+    fast = sum(r.path.path == "fast" for r in rows)
+    summary = f"fast path: {fast} of {len(rows)} models"
+    if ratios:
+        summary += f"; median FG/BP step ratio {statistics.median(ratios):.2f} over {len(ratios)}"
+    return "\n".join(lines + ["", summary])
