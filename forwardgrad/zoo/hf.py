@@ -197,17 +197,18 @@ def _with_attention(build, attention):
     return lambda size: build(size, attention)
 
 
+# name, builder, loss, description, whether its RMSNorm computes in float32 whatever the dtype
 _ARCHITECTURES = [
-    ("gpt2", build_gpt2, causal_lm_loss, "GPT-2 (Conv1D layers, learned positions)"),
-    ("bert", build_bert, sequence_classification_loss, "BERT sentence classifier, padded"),
-    ("t5", build_t5, seq2seq_loss, "T5 encoder-decoder (RMSNorm, relative positions)"),
-    ("bart", build_bart, seq2seq_loss, "BART encoder-decoder"),
-    ("llama", build_llama, causal_lm_loss, "Llama (RMSNorm, RoPE, SwiGLU, GQA)"),
-    ("mistral", build_mistral, causal_lm_loss, "Mistral (sliding-window attention, GQA)"),
-    ("hf-vit", build_vit, image_classification_loss, "ViT image classifier"),
+    ("gpt2", build_gpt2, causal_lm_loss, "GPT-2 (Conv1D layers, learned positions)", False),
+    ("bert", build_bert, sequence_classification_loss, "BERT sentence classifier, padded", False),
+    ("t5", build_t5, seq2seq_loss, "T5 encoder-decoder (RMSNorm, relative positions)", True),
+    ("bart", build_bart, seq2seq_loss, "BART encoder-decoder", False),
+    ("llama", build_llama, causal_lm_loss, "Llama (RMSNorm, RoPE, SwiGLU, GQA)", True),
+    ("mistral", build_mistral, causal_lm_loss, "Mistral (sliding-window attention, GQA)", True),
+    ("hf-vit", build_vit, image_classification_loss, "ViT image classifier", False),
 ]
 
-for _name, _build, _loss, _description in _ARCHITECTURES:
+for _name, _build, _loss, _description, _float32_inside in _ARCHITECTURES:
     for _attention in ATTENTION:
         register(
             ZooCase(
@@ -217,6 +218,7 @@ for _name, _build, _loss, _description in _ARCHITECTURES:
                 _loss,
                 requires=("transformers",),
                 description=f"{_description}, {_attention} attention",
+                float32_inside=_float32_inside,
             )
         )
 

@@ -33,6 +33,8 @@ class ZooCase:
         output (cross-entropy on logits); it is what a closure returns.
       requires: importable modules the case needs (optional dependencies).
       description: the architecture in a few words.
+      float32_inside: parts of the model compute in float32 whatever its dtype (Hugging Face's
+        RMSNorm casts to float32), so a float64 copy is only as precise as float32 there.
     """
 
     name: str
@@ -41,6 +43,7 @@ class ZooCase:
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     requires: tuple[str, ...] = ()
     description: str = ""
+    float32_inside: bool = False
 
     def unavailable(self) -> str | None:
         """Why this case cannot be built here (a missing optional dependency), else ``None``."""
