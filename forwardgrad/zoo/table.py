@@ -68,7 +68,8 @@ def _error_cell(value: float) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    """A Markdown table, then a summary line (fast-path share, median ratio)."""
+    """A Markdown table, then a line on the error measure, the fast-path share and the median
+    ratio."""
     lines = [
         "| model | family | params | forward ms | rel. err f32 | rel. err f64 | path "
         "| fallback (first op) | FG/BP step [q1, q3] |",
@@ -80,7 +81,8 @@ def format_table(rows: list[Row]) -> str:
         ratio = f"{t.ratio:.2f} [{t.ratio_low:.2f}, {t.ratio_high:.2f}]" if t else "-"
         fallback = row.path.fallback or ""
         if row.error:
-            fallback = f"{fallback}; error: {row.error}" if fallback else f"error: {row.error}"
+            error = row.error if len(row.error) <= 100 else row.error[:97] + "..."
+            fallback = f"{fallback}; error: {error}" if fallback else f"error: {error}"
         f32, f64 = (_error_cell(row.errors[d]) for d in DTYPES)
         lines.append(
             f"| {row.case.name} | {row.case.family} | {row.parameters / 1e6:.2f}M | {forward} "
@@ -89,7 +91,10 @@ def format_table(rows: list[Row]) -> str:
         )
     ratios = [r.timing.ratio for r in rows if r.timing]
     fast = sum(r.path.path == "fast" for r in rows)
-    summary = f"fast path: {fast} of {len(rows)} models"
+    summary = (
+        "rel. err: |d - d_exact| / |grad L| of one K = 1 Rademacher step, the worse of train and "
+        f"eval mode. Fast path: {fast} of {len(rows)} models"
+    )
     if ratios:
         summary += f"; median FG/BP step ratio {statistics.median(ratios):.2f} over {len(ratios)}"
     return "\n".join(lines + ["", summary])
