@@ -164,8 +164,9 @@ def check_exactness(
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per step, medians over rounds; ``ratio`` is forward-gradient ÷ backprop, with the
-    quartiles of the per-round ratios as its spread."""
+    """Seconds per step, medians over rounds. ``ratio`` is the median over rounds of the
+    forward-gradient step's time ÷ the backprop step's time in the same round, with the quartiles
+    of those per-round ratios as its spread (pairing by round cancels load that comes and goes)."""
 
     case: str
     forward: float
@@ -223,15 +224,15 @@ def time_steps(
             for key in ("forward", "fg", "bp") if r % 2 == 0 else ("bp", "fg", "forward"):
                 times[key].append(_seconds(steps[key], repeats[key]))
         path = path_info(forward_gradient, instance)
-    ratios = sorted(f / b for f, b in zip(times["fg"], times["bp"]))
+    ratios = [f / b for f, b in zip(times["fg"], times["bp"])]
     low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    fg_median, bp_median = statistics.median(times["fg"]), statistics.median(times["bp"])
+    medians = {key: statistics.median(values) for key, values in times.items()}
     return Timing(
         case.name,
-        statistics.median(times["forward"]),
-        fg_median,
-        bp_median,
-        fg_median / bp_median,
+        medians["forward"],
+        medians["fg"],
+        medians["bp"],
+        statistics.median(ratios),
         low,
         high,
         path,

@@ -77,8 +77,7 @@ def test_timing_alternates_both_steps_on_one_thread():
     timing = harness.time_steps(get_case("gru-lm"), "small", rounds=3, min_seconds=0.001)
     assert torch.get_num_threads() == threads
     assert timing.forward > 0 and timing.forward_gradient > 0 and timing.backprop > 0
-    assert timing.ratio == pytest.approx(timing.forward_gradient / timing.backprop)
-    assert timing.ratio_low <= timing.ratio_high
+    assert timing.ratio_low <= timing.ratio <= timing.ratio_high
 
 
 def test_state_table_has_a_row_per_model_and_a_summary():
