@@ -10,6 +10,7 @@ when those internals are gone, so that the zoo keeps working while the engine ch
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -24,12 +25,13 @@ def fast_path_blocker(model: nn.Module, closure: Callable[[], torch.Tensor]) -> 
 
     Buffers and the CPU RNG are put back afterwards. PRIVATE ACCESS: ``stacked_derivatives``.
     """
+    params = [p for p in model.parameters() if p.requires_grad]
     try:
         stacked = importlib.import_module("forwardgrad.jvp.stacked")
         evaluate = stacked.stacked_derivatives
-    except (ImportError, AttributeError):
+        inspect.signature(evaluate).bind(closure, params, params.__getitem__, 1)
+    except (ImportError, AttributeError, TypeError, ValueError):  # the engine has changed
         return None
-    params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator(params[0].device).manual_seed(0)
     directions = fg.sample_tangents(params, 1, "rademacher", generator)
 

@@ -36,6 +36,19 @@ def test_exactness_catches_an_estimate_off_by_one_percent(monkeypatch):
     assert result.relative_error > 1e-4
 
 
+def test_exactness_catches_a_parameter_left_out_of_the_estimate(monkeypatch):
+    estimate = fg.ForwardGradient.estimate
+
+    def without_the_head(self, model, closure):
+        loss = estimate(self, model, closure)
+        model.fc.bias.grad.zero_()  # as a rule that drops one parameter's tangent would
+        return loss
+
+    monkeypatch.setattr(fg.ForwardGradient, "estimate", without_the_head)
+    result = harness.check_exactness(get_case("resnet18"), "small", torch.float64)
+    assert result.relative_error > 1e-3
+
+
 def test_a_failing_step_is_reported_not_raised():
     result = harness.check_exactness(get_case("embedding-bag"), "small", torch.float64)
     if result.error is None:
