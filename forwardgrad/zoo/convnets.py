@@ -204,7 +204,8 @@ class MobileNetV2(nn.Module):
 
 
 def build_mobilenet_v2(size):
-    width, last, batch, resolution = pick(size, (0.25, 128, 2, 32), (0.5, 640, 8, 64))
+    # small: 64 px, so that the last stages still batch-normalise over 2 x 2 x 2 values, not 2
+    width, last, batch, resolution = pick(size, (0.25, 128, 2, 64), (0.5, 640, 8, 64))
     settings = pick(
         size, [s[:2] + [1] + s[3:] for s in MOBILENET_V2_SETTINGS], MOBILENET_V2_SETTINGS
     )
@@ -369,4 +370,13 @@ for _name, _build, _description in [
     ("mobilenet-v3", build_mobilenet_v3, "MobileNetV3-Small (hardswish, hardsigmoid SE)"),
     ("efficientnet", build_efficientnet, "EfficientNet-B0 layout (SiLU, SE, stochastic depth)"),
 ]:
-    register(ZooCase(_name, "vision", _build, classification_loss, description=_description))
+    register(
+        ZooCase(
+            _name,
+            "vision",
+            _build,
+            classification_loss,
+            description=_description,
+            float32_limited=_name == "mobilenet-v3",  # hardsigmoid (see ZooCase)
+        )
+    )

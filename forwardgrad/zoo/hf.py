@@ -209,7 +209,7 @@ _ARCHITECTURES = [
     ("hf-vit", build_vit, image_classification_loss, "ViT image classifier", False),
 ]
 
-for _name, _build, _loss, _description, _float32_inside in _ARCHITECTURES:
+for _name, _build, _loss, _description, _float32_limited in _ARCHITECTURES:
     for _attention in ATTENTION:
         register(
             ZooCase(
@@ -219,7 +219,7 @@ for _name, _build, _loss, _description, _float32_inside in _ARCHITECTURES:
                 _loss,
                 requires=("transformers",),
                 description=f"{_description}, {_attention} attention",
-                float32_inside=_float32_inside,
+                float32_limited=_float32_limited,
             )
         )
 

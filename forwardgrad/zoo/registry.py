@@ -33,8 +33,10 @@ class ZooCase:
         output (cross-entropy on logits); it is what a closure returns.
       requires: importable modules the case needs (optional dependencies).
       description: the architecture in a few words.
-      float32_inside: parts of the model compute in float32 whatever its dtype (Hugging Face's
-        RMSNorm casts to float32), so a float64 copy is only as precise as float32 there.
+      float32_limited: a float64 copy is only float32-exact, because part of the model, or
+        PyTorch's own derivative of it, computes in float32 whatever the dtype (Hugging Face's
+        RMSNorm casts to float32; hardsigmoid's backward and forward-mode formulas scale by a
+        float32 1/6, 0.16666667163, also for float64).
     """
 
     name: str
@@ -43,7 +45,7 @@ class ZooCase:
     loss: Callable[[nn.Module, Batch], torch.Tensor]
     requires: tuple[str, ...] = ()
     description: str = ""
-    float32_inside: bool = False
+    float32_limited: bool = False
 
     def unavailable(self) -> str | None:
         """Why this case cannot be built here (a missing optional dependency), else ``None``."""

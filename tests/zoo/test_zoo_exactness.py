@@ -57,7 +57,7 @@ def test_forward_gradient_matches_autograd(case, dtype, train):
         pytest.skip(reason)
     result = check_exactness(case, "small", dtype, train)
     assert result.error is None, result.error
-    tolerance = TOLERANCE[torch.float32 if case.float32_inside else dtype]
+    tolerance = TOLERANCE[torch.float32 if case.float32_limited else dtype]
     assert result.relative_error <= tolerance, (
         f"{case.name}: forward gradient {result.derivative:.10g} vs autograd "
         f"{result.exact:.10g} along the same direction (path {result.path})"
