@@ -198,15 +198,18 @@ def _with_attention(build, attention):
     return lambda size: build(size, attention)
 
 
-# name, builder, loss, description, whether its RMSNorm computes in float32 whatever the dtype
+# name, builder, loss, description, and the attentions with which a float64 copy is only
+# float32-exact: RMSNorm casts to float32 (T5, Llama, Mistral), and so does the eager softmax of
+# Llama, Mistral and ViT (softmax(..., dtype=torch.float32)).
+_BOTH = ATTENTION
 _ARCHITECTURES = [
-    ("gpt2", build_gpt2, causal_lm_loss, "GPT-2 (Conv1D layers, learned positions)", False),
-    ("bert", build_bert, sequence_classification_loss, "BERT sentence classifier, padded", False),
-    ("t5", build_t5, seq2seq_loss, "T5 encoder-decoder (RMSNorm, relative positions)", True),
-    ("bart", build_bart, seq2seq_loss, "BART encoder-decoder", False),
-    ("llama", build_llama, causal_lm_loss, "Llama (RMSNorm, RoPE, SwiGLU, GQA)", True),
-    ("mistral", build_mistral, causal_lm_loss, "Mistral (sliding-window attention, GQA)", True),
-    ("hf-vit", build_vit, image_classification_loss, "ViT image classifier", False),
+    ("gpt2", build_gpt2, causal_lm_loss, "GPT-2 (Conv1D layers, learned positions)", ()),
+    ("bert", build_bert, sequence_classification_loss, "BERT sentence classifier, padded", ()),
+    ("t5", build_t5, seq2seq_loss, "T5 encoder-decoder (RMSNorm, relative positions)", _BOTH),
+    ("bart", build_bart, seq2seq_loss, "BART encoder-decoder", ()),
+    ("llama", build_llama, causal_lm_loss, "Llama (RMSNorm, RoPE, SwiGLU, GQA)", _BOTH),
+    ("mistral", build_mistral, causal_lm_loss, "Mistral (sliding-window attention, GQA)", _BOTH),
+    ("hf-vit", build_vit, image_classification_loss, "ViT image classifier", ("eager",)),
 ]
 
 for _name, _build, _loss, _description, _float32_limited in _ARCHITECTURES:
@@ -219,7 +222,7 @@ for _name, _build, _loss, _description, _float32_limited in _ARCHITECTURES:
                 _loss,
                 requires=("transformers",),
                 description=f"{_description}, {_attention} attention",
-                float32_limited=_float32_limited,
+                float32_limited=_attention in _float32_limited,
             )
         )
 

@@ -35,8 +35,8 @@ class ZooCase:
       description: the architecture in a few words.
       float32_limited: a float64 copy is only float32-exact, because part of the model, or
         PyTorch's own derivative of it, computes in float32 whatever the dtype (Hugging Face's
-        RMSNorm casts to float32; hardsigmoid's backward and forward-mode formulas scale by a
-        float32 1/6, 0.16666667163, also for float64).
+        RMSNorm and some eager softmaxes cast to float32; hardsigmoid's backward and forward-mode
+        formulas scale by a float32 1/6, 0.16666667163, also for float64).
     """
 
     name: str

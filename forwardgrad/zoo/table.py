@@ -18,7 +18,9 @@ DTYPES = (torch.float32, torch.float64)
 @dataclass(frozen=True)
 class Row:
     """One model's line. Relative errors are the worse of train and eval mode (NaN: the step
-    failed, ``error`` says how); ``timing`` is ``None`` when the step could not be timed."""
+    failed, ``error`` says how); ``timing`` is ``None`` when the step could not be timed.
+    ``path`` is the timed step's (float32, train mode); ``general_in`` names the exactness checks
+    (dtype and mode) that took the general path, with the first one's reason."""
 
     case: ZooCase
     parameters: int
@@ -26,6 +28,7 @@ class Row:
     timing: harness.Timing | None
     path: harness.PathInfo
     error: str | None
+    general_in: tuple[list[str], str | None] = ([], None)
 
 
 def measure(case: ZooCase, size: str = "bench", rounds: int = 7) -> Row:
@@ -42,7 +45,12 @@ def measure(case: ZooCase, size: str = "bench", rounds: int = 7) -> Row:
     except Exception as caught:  # reported in the table
         error = error or diagnostics.one_line(caught)
     path = timing.path if timing is not None else checks[0].path
-    return Row(case, parameters, errors, timing, path, error)
+    general = [c for c in checks if c.path.path == "general"]
+    where = [
+        f"{str(c.dtype).removeprefix('torch.')} {'train' if c.train else 'eval'}" for c in general
+    ]
+    general_in = (where, general[0].path.fallback if general else None)
+    return Row(case, parameters, errors, timing, path, error, general_in)
 
 
 def state_table(
@@ -80,6 +88,9 @@ def format_table(rows: list[Row]) -> str:
         forward = f"{1e3 * t.forward:.1f}" if t else "-"
         ratio = f"{t.ratio:.2f} [{t.ratio_low:.2f}, {t.ratio_high:.2f}]" if t else "-"
         fallback = row.path.fallback or ""
+        where, reason = row.general_in
+        if row.path.path == "fast" and where:
+            fallback = f"general in {', '.join(where)}: {reason}"
         if row.error:
             error = row.error if len(row.error) <= 100 else row.error[:97] + "..."
             fallback = f"{fallback}; error: {error}" if fallback else f"error: {error}"
