@@ -50,12 +50,14 @@ def agree(derivatives: torch.Tensor, reference: torch.Tensor) -> bool:
     """Do the fast path's derivatives match the general path's to the dtype's precision?
 
     Both are sums of many products rounded differently, so the tolerance scales with the
-    largest derivative: 1e-3 of it in float32, 1e-9 in float64. This comparison catches what
-    the stacked evaluation cannot see at all (TorchScript, C++ extensions); small errors of a
-    rule are caught by ``jvp.rule_check``, which checks each rule alone in float64.
+    largest derivative: 1e-3 of it in float32, 1e-5 in float64 (a float64 model is only
+    float32-exact where PyTorch's formulas use float32 constants, or a library computes a softmax
+    or a norm in float32). This comparison catches what the stacked evaluation cannot see at all
+    (TorchScript, C++ extensions), which is far off; small errors of a rule are caught by
+    ``jvp.rule_check``, which checks each rule alone in float64.
     """
     scale = float(reference.abs().max()) if reference.numel() else 0.0
-    rtol = 1e-9 if reference.dtype == torch.float64 else 1e-3
+    rtol = 1e-5 if reference.dtype == torch.float64 else 1e-3
     error = float((derivatives - reference).abs().max()) if reference.numel() else 0.0
     return error <= rtol * scale + torch.finfo(reference.dtype).tiny
 
@@ -64,9 +66,9 @@ def disagreement(derivatives: torch.Tensor, reference: torch.Tensor) -> str:
     error = float((derivatives - reference).abs().max())
     scale = float(reference.abs().max())
     return (
-        f"its derivatives differ from PyTorch's forward-mode AD by {error:.3g} (of {scale:.3g}): "
-        "some operation ran where the stacked evaluation cannot see it (TorchScript, a C++ "
-        "extension)"
+        f"its derivatives differ from PyTorch's forward-mode AD by {error:.3g} (of {scale:.3g}), "
+        "which is what an operation the stacked evaluation cannot see leaves behind (TorchScript, "
+        "a C++ extension)"
     )
 
 
