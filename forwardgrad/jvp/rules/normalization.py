@@ -50,17 +50,17 @@ def batch_norm(
     if mode.carries((running_mean, running_var)):
         raise Decline("batch norm with statistics that carry tangents")
     momentum, eps = options.get("momentum", 0.1), options.get("eps", 1e-5)
-    use_batch = training or running_mean is None
-    out = func(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    use_batch = bool(training)  # (evaluation without running statistics: func refuses it)
+    if use_batch:  # the kernel F.batch_norm runs, which also gives the batch statistics
+        out, mean, inv_std = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+    else:
+        out = func(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        mean, inv_std = running_mean, torch.rsqrt(running_var + eps)
     tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
     count, channel_shape = mode.count, [1, -1] + [1] * (x.dim() - 2)
-    dims = [0] + list(range(2, x.dim()))
-    if use_batch:
-        mean = x.mean(dims, keepdim=True)
-        inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
-    else:
-        mean = running_mean.view(channel_shape)
-        inv_std = torch.rsqrt(running_var.view(channel_shape) + eps)
+    mean, inv_std = mean.view(channel_shape), inv_std.view(channel_shape)
     normalized = (x - mean) * inv_std
     scale = inv_std if weight is None else inv_std * weight.view(channel_shape)
     tangent = normalization_tangent(
@@ -69,7 +69,7 @@ def batch_norm(
         None if tb is None else tb.view(count, *channel_shape),
         normalized,
         scale,
-        dims if use_batch else None,  # batch statistics move with x too
+        [0] + list(range(2, x.dim())) if use_batch else None,  # batch statistics move with x
     )
     return mode.track(out, tangent, fresh=tx is not None or tw is not None)
 
@@ -84,11 +84,10 @@ def _layer_norm_samples(dtype):
 @rule("layer_norm", samples=_layer_norm_samples, owners=(F,))
 def layer_norm(mode, func, x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """y = x̂ γ + β over the last dimensions:  ẏ = γ/σ (ẋ − mean ẋ − x̂ mean(ẋ x̂)) + γ̇ x̂ + β̇."""
-    out = func(x, normalized_shape, weight, bias, eps)
+    # The kernel F.layer_norm runs, which also gives the statistics it normalised with.
+    out, mean, inv_std = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
     tx, tw, tb = mode.tangent(x), mode.tangent(weight), mode.tangent(bias)
     dims = list(range(x.dim() - len(normalized_shape), x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    inv_std = torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + eps)
     normalized = (x - mean) * inv_std
     tangent = normalization_tangent(
         tx,
