@@ -13,22 +13,28 @@ import torch.nn.functional as F
 from forwardgrad.jvp.rules.registry import Decline, lift, randn, rule
 
 
-def normalization_tangent(tx, tw, tb, normalized, scale, moving_dims):
-    """The tangent of y = x̂ γ + β, x̂ = (x − μ) / σ: ẋ · scale (scale = γ / σ) plus ẇ x̂ + ḃ.
+def normalization_tangent(tx, tw, tb, normalized, factors, moving_dims):
+    """The tangent of y = x̂ γ + β, x̂ = (x − μ) / σ: ẋ · γ/σ plus ẇ x̂ + ḃ.
 
-    ``tw`` and ``tb`` are the affine tangents shaped to broadcast (None: constant). With
-    ``moving_dims``, μ and σ are x's statistics over those dims and move with it, so ẋ first
-    loses its mean and its component along x̂ there."""
+    ``factors`` multiply ẋ (1/σ, and γ when there is one), each shaped to broadcast; ``tw`` and
+    ``tb`` are the affine tangents shaped to broadcast (None: constant). With ``moving_dims``,
+    μ and σ are x's statistics over those dims and move with it, so ẋ first loses its mean and
+    its component along x̂ there: ẋ − mean ẋ − x̂ mean(ẋ x̂) (x̂ sums to 0 there, so ẋ need not
+    be centred before the product). Written as a few in-place passes over the activation."""
     tangent = None
     if tx is not None:
         if moving_dims is not None:
             tdims = [d + 1 for d in moving_dims]
-            centred = tx - tx.mean(tdims, keepdim=True)
-            tx = centred - normalized * (centred * normalized).mean(tdims, keepdim=True)
-        tangent = tx * scale
-    for term in (None if tw is None else tw * normalized, tb):
-        if term is not None:
-            tangent = term if tangent is None else tangent + term
+            tangent = tx - tx.mean(tdims, keepdim=True)
+            tangent.addcmul_(normalized, (tx * normalized).mean(tdims, keepdim=True), value=-1)
+        else:
+            tangent = tx
+        for factor in factors:
+            tangent = tangent * factor if tangent is tx else tangent.mul_(factor)
+    if tw is not None:
+        tangent = tw * normalized if tangent is None else tangent.addcmul_(tw, normalized)
+    if tb is not None:
+        tangent = tb if tangent is None else tangent.add_(tb)
     return tangent
 
 
@@ -62,13 +68,13 @@ def batch_norm(
     count, channel_shape = mode.count, [1, -1] + [1] * (x.dim() - 2)
     mean, inv_std = mean.view(channel_shape), inv_std.view(channel_shape)
     normalized = (x - mean) * inv_std
-    scale = inv_std if weight is None else inv_std * weight.view(channel_shape)
+    scale = inv_std if weight is None else inv_std * weight.view(channel_shape)  # per channel
     tangent = normalization_tangent(
         tx,
         None if tw is None else tw.view(count, *channel_shape),
         None if tb is None else tb.view(count, *channel_shape),
         normalized,
-        scale,
+        [scale],
         [0] + list(range(2, x.dim())) if use_batch else None,  # batch statistics move with x
     )
     return mode.track(out, tangent, fresh=tx is not None or tw is not None)
@@ -94,7 +100,7 @@ def layer_norm(mode, func, x, normalized_shape, weight=None, bias=None, eps=1e-5
         None if tw is None else lift(tw, x.dim()),
         None if tb is None else lift(tb, x.dim()),
         normalized,
-        inv_std if weight is None else inv_std * weight,
+        [inv_std] if weight is None else [inv_std, weight],  # per row, per column
         dims,  # the statistics always move with x
     )
     return mode.track(out, tangent, fresh=tx is not None or tw is not None)
