@@ -39,6 +39,12 @@ from forwardgrad.tangents.streams import (
     parameter_tangents,
     sample_tangents,
 )
+from forwardgrad.tangents.structured import (
+    check_rank,
+    check_structured,
+    is_structured,
+    parameter_factors,
+)
 
 __all__ = [
     "CHUNK",
@@ -55,12 +61,16 @@ __all__ = [
     "check_combine",
     "check_count",
     "check_distribution",
+    "check_rank",
+    "check_structured",
     "combine",
     "combine_tangents",
     "draw_seed",
     "fill_tangent",
     "gram_matrix",
+    "is_structured",
     "mean_coefficients",
+    "parameter_factors",
     "parameter_row_blocks",
     "parameter_tangents",
     "projection_coefficients",

@@ -13,7 +13,10 @@ it again to form the estimate Σ_k c_k v_k. Sources differ in what they keep in 
   parameter, or directions a caller chose).
 
 Streamed sources (the first three) draw parameter i's tangent k from ``(seed, i, k)`` with
-``tangents.streams``, so all three give the same numbers for the same seed.
+``tangents.streams``, so all three give the same numbers for the same seed. Given a ``rank``,
+they give the matrices structured tangents V_k = A_k B_kᵀ (``tangents.structured``): rules
+that can use the factors ask for them (``factors(i)``), the update adds them with ``addmm_``,
+and only a rule or path that needs the whole tangent has it formed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from forwardgrad.tangents import streams
+from forwardgrad.tangents import streams, structured
 from forwardgrad.tangents.combiners import gram_matrix
 
 
@@ -51,9 +54,11 @@ class TangentSource:
         params: the parameters that carry tangents, in a fixed order.
         count: K.
         keeps: asking again returns the tensor it returned before (no new draw, no new memory).
+        rank: None, or r: the matrices' tangents are structured of rank r (``factors``).
     """
 
     keeps = True
+    rank: int | None = None
 
     def __init__(self, params: Sequence[torch.Tensor], count: int) -> None:
         self.params, self.count = list(params), count
@@ -65,6 +70,12 @@ class TangentSource:
     def row_blocks(self, index: int) -> Iterator[tuple[int, int, torch.Tensor]] | None:
         """``(start, stop, tangents[:, start:stop])`` in row order when this source draws
         parameter ``index`` a block of rows at a time, else ``None``."""
+        return None
+
+    def factors(self, index: int) -> structured.Factors | None:
+        """``(A, B)``, A of shape (K, m, r) and B (K, n, r), when parameter ``index``'s tangents
+        are structured, V_k = A_k B_kᵀ over the parameter viewed as m × n
+        (``tangents.structured``); else ``None``."""
         return None
 
     def dense(self) -> list[torch.Tensor]:
@@ -92,19 +103,62 @@ class TangentSource:
 
 
 class StreamedSource(TangentSource):
-    """Tangents drawn from the step's ``seed`` with ``tangents.streams`` (normal, rademacher)."""
+    """Tangents drawn from the step's ``seed`` with ``tangents.streams`` (normal, rademacher);
+    with ``rank``, structured ones for the matrices (their factors, (m + n)·r·K numbers a
+    parameter, are kept once drawn)."""
 
     def __init__(
-        self, params: Sequence[torch.Tensor], count: int, distribution: str, seed: int
+        self,
+        params: Sequence[torch.Tensor],
+        count: int,
+        distribution: str,
+        seed: int,
+        rank: int | None = None,
     ) -> None:
         super().__init__(params, count)
         self.distribution, self.seed = distribution, seed
+        self.rank = structured.check_structured(rank, distribution)
+        self._factors: dict[int, structured.Factors] = {}
+
+    def factors(self, index: int) -> structured.Factors | None:
+        if index not in self._factors:
+            p = self.params[index]
+            if not structured.is_structured(p, self.rank):
+                return None
+            self._factors[index] = structured.parameter_factors(
+                p, self.count, self.distribution, self.seed, index, self.rank
+            )
+        return self._factors[index]
 
     def draw(self, index: int) -> torch.Tensor:
-        """Parameter ``index``'s K tangents, drawn afresh."""
+        """Parameter ``index``'s K tangents, drawn afresh (structured ones formed whole)."""
+        factors = self.factors(index)
+        if factors is not None:
+            return structured.materialise(factors, self.params[index].shape)
         return streams.parameter_tangents(
             self.params[index], self.count, self.distribution, self.seed, index
         )
+
+    def accumulate(
+        self, index: int, out: torch.Tensor, coefficients: Sequence[float], alpha: float = 1.0
+    ) -> None:
+        factors = self.factors(index)
+        if factors is None:
+            return super().accumulate(index, out, coefficients, alpha)
+        structured.add_combination(out, factors, coefficients, alpha)
+
+    def write_grads(self, coefficients: torch.Tensor) -> None:
+        """As ``TangentSource.write_grads``; a structured tangent's combination is one matrix
+        product written into ``.grad``, its tangents never formed."""
+        for i, p in enumerate(self.params):
+            factors = self.factors(i)
+            if factors is None:
+                v = self(i)
+                _write_grad(p, torch.tensordot(coefficients.to(v.device, v.dtype), v, dims=1))
+                continue
+            if not _grad_buffer_ok(p):
+                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            structured.write_combination(p.grad, factors, coefficients)
 
 
 class DrawnTangents(StreamedSource):
@@ -119,13 +173,15 @@ class DrawnTangents(StreamedSource):
 
     def row_blocks(self, index: int) -> Iterator[tuple[int, int, torch.Tensor]] | None:
         p = self.params[index]
-        if p.dim() < 2 or p.numel() <= streams.CHUNK:
-            return None  # cheaper drawn whole
+        if p.dim() < 2 or p.numel() <= streams.CHUNK or self.factors(index) is not None:
+            return None  # cheaper drawn whole, or structured (the rules take the factors)
         return streams.parameter_row_blocks(p, self.count, self.distribution, self.seed, index)
 
     def accumulate(
         self, index: int, out: torch.Tensor, coefficients: Sequence[float], alpha: float = 1.0
     ) -> None:
+        if self.factors(index) is not None:  # one addmm_, no tangent formed
+            return super().accumulate(index, out, coefficients, alpha)
         blocks = self.row_blocks(index)
         if blocks is not None:  # a block of rows at a time, never the whole tangent
             for start, stop, v in blocks:
@@ -153,8 +209,9 @@ class HeldTangents(StreamedSource):
         distribution: str,
         seed: int,
         buffers: dict[int, torch.Tensor] | None = None,
+        rank: int | None = None,
     ) -> None:
-        super().__init__(params, count, distribution, seed)
+        super().__init__(params, count, distribution, seed, rank)
         self.held: dict[int, torch.Tensor] = {}
         self.buffers = {} if buffers is None else buffers
 
@@ -168,8 +225,13 @@ class HeldTangents(StreamedSource):
                 p.device,
             ):
                 buffer = self.buffers[index] = torch.empty(shape, dtype=p.dtype, device=p.device)
-            for k in range(self.count):
-                streams.fill_tangent(buffer[k], self.distribution, self.seed, index, k)
+            factors = self.factors(index)
+            if factors is not None:  # formed only for a rule or path that needs it whole
+                a, b = factors
+                torch.bmm(a, b.transpose(1, 2), out=buffer.view(self.count, a.shape[1], -1))
+            else:
+                for k in range(self.count):
+                    streams.fill_tangent(buffer[k], self.distribution, self.seed, index, k)
             self.held[index] = buffer
         return self.held[index]
 
@@ -178,8 +240,14 @@ class GradTangents(StreamedSource):
     """K = 1: each tangent is drawn into the parameter's ``.grad``, then scaled there by the
     coefficient, so the step holds no tangent beside the gradient it has to fill anyway."""
 
-    def __init__(self, params: Sequence[torch.Tensor], distribution: str, seed: int) -> None:
-        super().__init__(params, 1, distribution, seed)
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        distribution: str,
+        seed: int,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(params, 1, distribution, seed, rank)
         self.drawn: set[int] = set()
         self.had_grad = [p.grad is not None for p in self.params]
 
@@ -188,14 +256,25 @@ class GradTangents(StreamedSource):
         if not _grad_buffer_ok(p):
             p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
         if index not in self.drawn:
-            streams.fill_tangent(p.grad, self.distribution, self.seed, index, 0)
+            factors = self.factors(index)
+            if factors is not None:
+                structured.write_combination(p.grad, factors, [1.0])
+            else:
+                streams.fill_tangent(p.grad, self.distribution, self.seed, index, 0)
             self.drawn.add(index)
         return p.grad.unsqueeze(0)
 
     def write_grads(self, coefficients: torch.Tensor) -> None:
-        """``.grad`` ← c v, in place (parameters the loss never used get their v drawn now)."""
+        """``.grad`` ← c v, in place (parameters the loss never used get their v drawn now; a
+        structured tangent no rule formed is written once, as c A Bᵀ)."""
         scale = float(coefficients.reshape(-1)[0])
-        for i in range(len(self.params)):
+        for i, p in enumerate(self.params):
+            factors = self.factors(i)
+            if factors is not None and i not in self.drawn:
+                if not _grad_buffer_ok(p):
+                    p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+                structured.write_combination(p.grad, factors, [scale])
+                continue
             self(i)[0].mul_(scale)
 
     def discard(self) -> None:

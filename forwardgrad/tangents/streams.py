@@ -23,6 +23,7 @@ def sample_tangents(
     count: int,
     distribution: str = "normal",
     generator: torch.Generator | None = None,
+    rank: int | None = None,
 ) -> list[torch.Tensor]:
     """Draw ``count`` random directions over ``params``.
 
@@ -36,23 +37,31 @@ def sample_tangents(
 
     Normal and Rademacher tangents take one seed from ``generator`` (``draw_seed``) and give
     parameter i the tangents ``parameter_tangents(params[i], K, distribution, seed, i)``, so
-    that each can be drawn again alone, when it is needed, from the seed.
+    that each can be drawn again alone, when it is needed, from the seed. With ``rank`` the
+    matrices get the structured tangents of ``tangents.structured``, materialised.
 
     Args:
       params: tensors whose shapes, dtypes and devices the tangents take.
       count: K, the number of directions.
       distribution: one of ``DISTRIBUTIONS``.
       generator: the source of randomness; ``None`` uses torch's global generator.
+      rank: None (dense) or r >= 1, the rank of the matrices' tangents (normal, rademacher).
 
     Returns:
       A list with one tensor of shape ``(K, *p.shape)`` per parameter.
     """
+    from forwardgrad.tangents import structured  # it draws with this module's streams
+
     check_count(count)
     check_distribution(distribution)
+    rank = structured.check_structured(rank, distribution)
     if distribution == "orthogonal":
         return _orthogonal(params, count, generator)
     seed = draw_seed(generator)
-    return [parameter_tangents(p, count, distribution, seed, i) for i, p in enumerate(params)]
+    return [
+        structured.structured_tangents(p, count, distribution, seed, i, rank)
+        for i, p in enumerate(params)
+    ]
 
 
 # Values per stream. Fixed, so the numbers do not depend on how many threads draw them.
