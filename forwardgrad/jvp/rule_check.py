@@ -6,7 +6,9 @@ float64, and compared with PyTorch's own forward-mode formula on the same slice.
 off by more than 1e-7 of the tangent's scale (1e-5 for an operation that computes in
 float32 whatever its inputs), say a GELU derivative off by 5e-4, sends the model
 to the general path and says which rule. The slice keeps the check's memory small; the RNG
-state is restored, so the step draws what it would have drawn without the check.
+state is restored, so the step draws what it would have drawn without the check. A parameter
+whose tangent is structured (``tangents.structured``) reaches the rule as its factors, and
+PyTorch's formula gets the tangent they form.
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ def check_rule(mode, rule, func, args, kwargs) -> None:
         inputs = _inputs(mode, flat, batch, rows)
         if inputs is None:
             continue
-        values, tangents = inputs
+        values, tangents, factors = inputs
         rng = torch.get_rng_state()
         try:
-            got = _tangents_of(mode, rule, func, values, tangents, spec, use_rule=True)
+            got = _tangents_of(mode, rule, func, values, tangents, spec, factors)
             torch.set_rng_state(rng)
-            expected = _tangents_of(mode, rule, func, values, tangents, spec, use_rule=False)
+            expected = _tangents_of(mode, rule, func, values, tangents, spec, None)
         except Exception:  # this slice does not suit the operation (a reshape to the batch)
             continue
         finally:
@@ -77,8 +79,9 @@ def _batch_size(mode, flat) -> int | None:
 
 
 def _inputs(mode, flat, batch, rows):
-    """float64 copies of the arguments (sliced to ``rows`` of the batch) and their tangents."""
-    values, tangents, total = [], {}, 0
+    """float64 copies of the arguments (sliced to ``rows`` of the batch), their tangents and
+    the first factors of the structured ones."""
+    values, tangents, factors, total = [], {}, {}, 0
     for i, value in enumerate(flat):
         if not isinstance(value, torch.Tensor):
             values.append(value)
@@ -90,16 +93,24 @@ def _inputs(mode, flat, batch, rows):
         if rows is None and total > MAX_BYTES:
             return None
         values.append(part.to(torch.float64) if part.is_floating_point() else part.clone())
+        structured = mode.factors(value) if part.is_floating_point() else None
+        if structured is not None:  # never the whole tangent of the step's own parameter
+            a, b = (f[:1].to(torch.float64) for f in structured)
+            factors[i] = (a, b)
+            tangents[i] = torch.bmm(a, b.transpose(1, 2)).view(1, *value.shape)
+            continue
         tangent = mode.tangent(value) if part.is_floating_point() else None
         if tangent is not None:
             first = tangent[:1]
             if first.shape[1:] != value.shape:
                 first = first.expand(1, *value.shape)
             tangents[i] = (first[:, :rows] if sliced else first).to(torch.float64).clone()
-    return values, tangents
+    return values, tangents, factors
 
 
-def _tangents_of(mode, rule, func, values, tangents, spec, use_rule):
+def _tangents_of(mode, rule, func, values, tangents, spec, factors):
+    """The outputs' tangents by the rule (``factors``: given to it for those positions) or, with
+    ``factors`` None, by PyTorch's formula."""
     from forwardgrad.jvp.forward_ad import forward_ad_call
     from forwardgrad.jvp.stacked import StackedTangents
 
@@ -107,9 +118,11 @@ def _tangents_of(mode, rule, func, values, tangents, spec, use_rule):
     inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
     for i, tangent in tangents.items():
         check.track(inputs[i], tangent, fresh=True)
+    for i, pair in (factors or {}).items():
+        check.track_factors(inputs[i], pair)
     args, kwargs = tree_unflatten(inputs, spec)
     with torch.no_grad():  # rules run as from inside the mode's handler: the mode not active
-        if use_rule:
+        if factors is not None:
             out = rule.apply(check, func, *args, **kwargs)
         else:
             out = forward_ad_call(check, func, args, kwargs)

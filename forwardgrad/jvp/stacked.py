@@ -10,7 +10,9 @@ product. For a linear layer y = x Wᵀ + b:
 one matrix product with K·B rows and one with the K weight tangents, while the primal y is
 computed once. A parameter's tangent is asked of the ``TangentSource`` when the first operation
 that uses it runs, so the source can draw it then and drop it or draw it again later;
-intermediate tangents die with their activations.
+intermediate tangents die with their activations. A structured weight tangent V_k = A_k B_kᵀ
+(``tangents.structured``) comes as its factors instead (``factors``), and x V_kᵀ = (x B_k) A_kᵀ
+costs two thin products.
 
 Each operation on a tangent-carrying tensor goes, in this order, to
 
@@ -98,6 +100,9 @@ class StackedTangents(TorchFunctionMode):
         # Storages of the parameter tangents handed out, never to be written: pointer -> a
         # weak reference to the tensor that owns it (a freed address may be reused).
         self._parameter_storages: dict[int, weakref.ref] = {}
+        # Factors of tensors that are no parameter of the source (the rule checks' copies).
+        self._factors = WeakIdKeyDictionary()
+        self.factored = 0  # how often factors were handed out (to rules, to the rule checks)
         self.boundary = None  # the frame that runs the closure: where the stack search stops
         self.forward_ad_calls: dict[str, int] = {}  # functions without a rule, and how often
 
@@ -122,6 +127,21 @@ class StackedTangents(TorchFunctionMode):
         if tangent is None and value._base is not None and value._base in self._written:
             tangent = self._view_of_base_tangent(value)
         return tangent
+
+    def factors(self, value: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A, B)`` with ``value``'s tangents V_k = A_k B_kᵀ over ``value`` viewed as
+        ``shape[0]`` rows of the rest, when they are structured, else ``None``. A rule that takes
+        them must not ask for ``tangent(value)`` as well: that forms the whole tangents."""
+        if not isinstance(value, torch.Tensor):
+            return None
+        index = self._index.get(id(value))
+        found = self.source.factors(index) if index is not None else self._factors.get(value)
+        self.factored += found is not None
+        return found
+
+    def track_factors(self, x: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Give ``x`` (tracked with its whole tangent too) structured tangents' factors."""
+        self._factors[x] = factors
 
     def row_blocks(self, value: object) -> Iterator[tuple[int, int, torch.Tensor]] | None:
         """A parameter's tangent a block of rows at a time, if the source draws it so."""

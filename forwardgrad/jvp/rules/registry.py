@@ -42,6 +42,9 @@ class Rule:
             the samples (class targets, running statistics).
         in_place: the rule handles the operation's in-place spellings itself (otherwise the
             stacked evaluation runs it out of place and writes the result back).
+        structured: argument positions whose tangent the rule takes as the factors of a
+            structured tangent when it has them (``mode.factors``; tested against the whole
+            tangent they form).
     """
 
     name: str
@@ -50,6 +53,7 @@ class Rule:
     spellings: list[Callable] = field(default_factory=list)
     constant: tuple = ()
     in_place: bool = False
+    structured: tuple = ()
 
     @property
     def formula(self) -> str:
@@ -98,6 +102,7 @@ def rule(
     owners=_OWNERS,
     constant: tuple = (),
     in_place: bool = False,
+    structured: tuple = (),
 ) -> Callable[[Callable], Callable]:
     """Register the decorated rule for every spelling of each of ``names``.
 
@@ -108,11 +113,12 @@ def rule(
         reflected: also register ``__r<operator>__`` with its operands swapped.
         functions: further spellings that are not found by name (``F.max_pool2d_with_indices``).
         owners: where to look the names up (default: torch, Tensor, torch.nn.functional).
-        constant, in_place: see ``Rule``.
+        constant, in_place, structured: see ``Rule``.
     """
 
     def register(apply: Callable) -> Callable:
         entry = Rule(names[0], apply, samples, constant=tuple(constant), in_place=in_place)
+        entry.structured = tuple(structured)
         for name in names:
             for f in spellings_of(name, operator, owners):
                 _add(entry, f, apply)
