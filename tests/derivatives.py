@@ -8,13 +8,13 @@ import forwardgrad as fg
 from forwardgrad import tangents as tg
 
 
-def assert_same_derivatives(model, closure, count, distribution="normal", atol=1e-5):
+def assert_same_derivatives(model, closure, count, distribution="normal", atol=1e-5, rank=None):
     """The fast path runs (and passes its first-use check) and gives the general path's loss,
-    derivatives and buffers for the same tangents."""
+    derivatives and buffers for the same tangents (structured ones with ``rank``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    source = tg.HeldTangents(params, count, distribution, seed=21)
+    source = tg.HeldTangents(params, count, distribution, seed=21, rank=rank)
     fast = fg.directional_derivatives(model, closure, source)
     assert fast.path == "fast", fast.fallback
     fast_buffers = {k: v.clone() for k, v in model.state_dict().items()}

@@ -32,6 +32,7 @@ def forward_grad(
     distribution: str = "normal",
     combine: str = "mean",
     generator: torch.Generator | None = None,
+    rank: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The forward gradient of ``fn`` at ``params`` (Baydin et al. 2022, Algorithm 1).
 
@@ -46,6 +47,8 @@ def forward_grad(
       distribution: ``"normal"``, ``"rademacher"`` or ``"orthogonal"``.
       combine: ``"mean"`` or ``"projection"``.
       generator: source of the tangents; ``None`` uses torch's global generator.
+      rank: None (dense tangents) or r >= 1: the matrices' tangents are structured of rank r
+        (``tangents.structured``), formed whole here.
 
     Returns:
       ``(value, grads)``: f(θ) detached and a dict of gradient estimates shaped like ``params``.
@@ -53,8 +56,9 @@ def forward_grad(
     tg.check_count(tangents)
     tg.check_distribution(distribution)
     tg.check_combine(combine)
+    tg.check_structured(rank, distribution, combine)
     names, values = check_params(params)
-    directions = tg.sample_tangents(values, tangents, distribution, generator)
+    directions = tg.sample_tangents(values, tangents, distribution, generator, rank)
 
     def f(*point):
         return fn(dict(zip(names, point)))
@@ -90,6 +94,19 @@ class ForwardGradient(Seeded):
     ``last_fallback`` why the general path ran, if it did; both give the same estimate for the
     same seed, to float rounding. With K = 1 each tangent is drawn straight into ``.grad``.
 
+    Structured tangents (``rank=r``): each matrix parameter (two or more dims, viewed as
+    ``shape[0]`` rows of the rest; min side above r) gets V_k = (1/√r) Σ_j a_kj b_kjᵀ, its
+    factors drawn with the chosen distribution; vectors keep dense tangents. E[vec V vec Vᵀ]
+    = I, so the estimate stays unbiased, and for K = 1
+
+        E‖g‖² = n‖∇f‖² + Σ_b c_b ‖∇_b f‖²,   c_b = 2 + 2(m + n + 1)/r (normal), 2(1 − 1/r)
+        (Rademacher) for an m × n matrix b; 2 and 0 for a dense block
+
+    (derived in ``tangents.structured``). The fast path's rules take the factors: a linear
+    layer's x V_kᵀ = (x B_k) A_kᵀ costs O(B·(m + n)·r) instead of O(B·m·n), and ``.grad``
+    ← Σ_k c_k A_k B_kᵀ is one matrix product. Orthogonal tangents and the projection combiner
+    are refused with structured tangents (see ``tangents.check_structured``).
+
     Args:
       tangents: K >= 1.
       distribution: ``"normal"``, ``"rademacher"`` or ``"orthogonal"`` (K <= n).
@@ -98,10 +115,11 @@ class ForwardGradient(Seeded):
         ``None`` draws a seed from torch's global generator.
       fast: try the fast path first (the default); False always takes the general path, for
         comparisons and debugging.
+      rank: None (dense tangents, the default) or an integer r >= 1 (structured tangents).
     """
 
     name = "forward"
-    options = ("tangents", "distribution", "combine", "seed", "fast")
+    options = ("tangents", "distribution", "combine", "seed", "fast", "rank")
 
     def __init__(
         self,
@@ -110,10 +128,12 @@ class ForwardGradient(Seeded):
         combine: str = "mean",
         seed: int | None = None,
         fast: bool = True,
+        rank: int | None = None,
     ):
         self.tangents = tg.check_count(tangents)
         self.distribution = tg.check_distribution(distribution)
         self.combine = tg.check_combine(combine)
+        self.rank = tg.check_structured(rank, self.distribution, self.combine)
         self.fast = bool(fast)
         super().__init__(seed)
         # K > 1: the tangent tensors of the last step, reused so that each step does not pay
@@ -121,7 +141,8 @@ class ForwardGradient(Seeded):
         self._buffers: dict[int, torch.Tensor] = {}
 
     def describe(self) -> str:
-        return f"forward (K={self.tangents}, {self.distribution}, {self.combine})"
+        structure = "" if self.rank is None else f", rank {self.rank}"
+        return f"forward (K={self.tangents}, {self.distribution}, {self.combine}{structure})"
 
     def bytes_per_step(self, model: nn.Module) -> int:
         return WIRE_BYTES * (self.tangents + 1)  # the loss and the K derivatives
@@ -134,8 +155,10 @@ class ForwardGradient(Seeded):
             return tg.GivenTangents(params, drawn)
         seed = draw_seed(generator)
         if self.tangents == 1:
-            return tg.GradTangents(params, self.distribution, seed)
-        return tg.HeldTangents(params, self.tangents, self.distribution, seed, self._buffers)
+            return tg.GradTangents(params, self.distribution, seed, self.rank)
+        return tg.HeldTangents(
+            params, self.tangents, self.distribution, seed, self._buffers, self.rank
+        )
 
     def estimate(self, model: nn.Module, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         params = trainable(model)

@@ -10,7 +10,9 @@ engine's fast path) and dropped after it; once the d_k are known each v_k is dra
 parameter at a time, and added to the parameter in place; a weight or embedding table above
 ``tangents.CHUNK`` values is drawn a block of rows at a time, in both places. So the step's
 memory is that of inference plus one small parameter's tangents or one block, as for MeZO's
-zeroth-order SGD (Malladi et al. 2023), but with exact directional derivatives.
+zeroth-order SGD (Malladi et al. 2023), but with exact directional derivatives. With structured
+tangents (``rank=r``) a matrix's tangents are their factors, V_k = A_k B_kᵀ, and the update is
+one ``addmm_`` (``addr_`` for K = r = 1) into the parameter: no tangent of a matrix is formed.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class ForwardSGD(Wrapper, torch.optim.Optimizer):
       distribution: ``"normal"`` or ``"rademacher"``.
       seed: seeds the tangents; ``None`` draws one from torch's global generator.
       fast: as for ``ForwardGradient``.
+      rank: None (dense tangents) or r >= 1, structured tangents as for ``ForwardGradient``
+        (the same step for the same seed).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class ForwardSGD(Wrapper, torch.optim.Optimizer):
         distribution: str = "normal",
         seed: int | None = None,
         fast: bool = True,
+        rank: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -73,7 +78,7 @@ class ForwardSGD(Wrapper, torch.optim.Optimizer):
         params = trainable(model)
         super().__init__(params, {"lr": float(lr)})
         self.model = model
-        self.estimator = ForwardGradient(tangents, distribution, "mean", seed, fast)
+        self.estimator = ForwardGradient(tangents, distribution, "mean", seed, fast, rank)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """One forward-gradient step; returns the loss before the update, detached."""
@@ -86,7 +91,9 @@ class ForwardSGD(Wrapper, torch.optim.Optimizer):
         rates = [group["lr"] for group in self.param_groups for _ in group["params"]]
         estimator = self.estimator
         seed = draw_seed(estimator.generator(params[0].device))
-        source = tg.DrawnTangents(params, estimator.tangents, estimator.distribution, seed)
+        source = tg.DrawnTangents(
+            params, estimator.tangents, estimator.distribution, seed, estimator.rank
+        )
         loss, derivatives = estimator.derivatives(self.model, closure, source)
         coefficients = tg.mean_coefficients(derivatives).tolist()
         with torch.no_grad():

@@ -154,6 +154,7 @@ def global_batches(dtype: torch.dtype):
 ESTIMATORS = {
     "forward": lambda: ForwardGradient(tangents=3, seed=5),
     "forward-projection": lambda: ForwardGradient(tangents=2, combine="projection", seed=5),
+    "forward-structured": lambda: ForwardGradient(tangents=3, seed=5, rank=1),
     "zeroth-order": lambda: ZerothOrder(tangents=2, eps=1e-3, seed=5),
     "backprop": lambda: Backprop(),
 }
@@ -337,6 +338,7 @@ def test_bytes_communicated_per_step(trained):
         expected = {
             "forward": 8 * (3 + 1),  # K + 1 float64 numbers
             "forward-projection": 8 * (2 + 1),
+            "forward-structured": 8 * (3 + 1),
             "zeroth-order": 8 * 2 * 2,  # 2K loss values
             "backprop": width * parameters + 8,  # every gradient, and the loss
         }
