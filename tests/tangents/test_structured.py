@@ -3,6 +3,7 @@ their factors (the update and .grad written without forming a tangent)."""
 
 import math
 
+import moments
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,6 @@ from forwardgrad.tangents import structured
 
 # A matrix, a vector and a kernel viewed as 4 × 6: n = 20 + 3 + 24 = 47 values.
 SHAPES = [(5, 4), (3,), (4, 2, 3)]
-MU4 = {"normal": 3.0, "rademacher": 1.0}
 
 
 def _like(shapes=SHAPES):
@@ -98,32 +98,6 @@ def _gradient(seed=3):
     return [torch.randn(s, dtype=torch.float64, generator=generator) for s in SHAPES]
 
 
-def _excess(shape, distribution, rank):
-    """c_b of the module docstring of tangents.structured."""
-    mu = MU4[distribution] - 1
-    if len(shape) < 2:
-        return 2.0 if distribution == "normal" else 0.0
-    m, n = shape[0], math.prod(shape[1:])
-    return (mu * (m + n) + mu**2 + 2 * (rank - 1)) / rank
-
-
-def _coordinate_variance(gradient, distribution, rank):
-    """Var(g_i) of g = (∇f·v) v, per coordinate (tangents.structured's formula; for a dense
-    block ‖∇f‖² + G_i² (normal) or ‖∇f‖² − G_i² (Rademacher))."""
-    total = sum(float(g.pow(2).sum()) for g in gradient)
-    mu = MU4[distribution] - 1
-    parts = []
-    for g in gradient:
-        if g.dim() < 2:
-            parts.append(total + (1 if distribution == "normal" else -1) * g.pow(2))
-            continue
-        matrix = g.reshape(g.shape[0], -1)
-        rows, cols = matrix.pow(2).sum(1, keepdim=True), matrix.pow(2).sum(0, keepdim=True)
-        spread = mu * (rows + cols) + (mu**2 + 2 * (rank - 1)) * matrix.pow(2)
-        parts.append(total - matrix.pow(2) + spread / rank)
-    return torch.cat([p.reshape(-1) for p in parts])
-
-
 @pytest.mark.parametrize("distribution", ["normal", "rademacher"])
 @pytest.mark.parametrize("rank", [1, 2])
 def test_second_moment_of_the_forward_gradient(distribution, rank):
@@ -134,13 +108,10 @@ def test_second_moment_of_the_forward_gradient(distribution, rank):
     v = _draws(distribution, rank, 20_000, seed=1)
     g = (v @ flat)[:, None] * v
     norms = g.pow(2).sum(1)
-    n = flat.numel()
-    expected = n * flat.pow(2).sum() + sum(
-        _excess(s, distribution, rank) * x.pow(2).sum() for s, x in zip(SHAPES, gradient)
-    )
+    expected = moments.second_moment(gradient, distribution, rank)
     assert abs(norms.mean() - expected) <= 5 * norms.std() / math.sqrt(len(norms))
     squares = (g - flat).pow(2)
-    variance = _coordinate_variance(gradient, distribution, rank)
+    variance = moments.coordinate_variance(gradient, distribution, rank)
     error = squares.std(0) / math.sqrt(len(squares))
     assert ((squares.mean(0) - variance).abs() <= 5 * error).all()
 
