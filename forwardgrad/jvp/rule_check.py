@@ -71,11 +71,15 @@ def check_rule(mode, rule, func, args, kwargs) -> None:
 
 
 def _batch_size(mode, flat) -> int | None:
-    for value in flat:
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and not mode.is_parameter(value):
-            if mode.carries(value):
-                return value.shape[0]
-    return None
+    """Dim 0 of the first input that carries a tangent and is no parameter, else of the first
+    that is no parameter (a first layer's input carries none, and is as large as any)."""
+    inputs = [
+        v for v in flat if isinstance(v, torch.Tensor) and v.dim() > 0 and not mode.is_parameter(v)
+    ]
+    for value in inputs:
+        if mode.carries(value):
+            return value.shape[0]
+    return inputs[0].shape[0] if inputs else None
 
 
 def _inputs(mode, flat, batch, rows):
@@ -90,7 +94,7 @@ def _inputs(mode, flat, batch, rows):
         sliced = sliced and value.shape[0] == batch and not mode.is_parameter(value)
         part = value[:rows] if sliced else value
         total += part.numel() * 8
-        if rows is None and total > MAX_BYTES:
+        if (rows is None or batch is None) and total > MAX_BYTES:
             return None
         values.append(part.to(torch.float64) if part.is_floating_point() else part.clone())
         structured = mode.factors(value) if part.is_floating_point() else None

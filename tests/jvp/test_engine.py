@@ -77,6 +77,26 @@ def test_each_mode_is_checked_the_first_time_it_is_used(monkeypatch):
     assert estimator.last_path == "general"
 
 
+def test_a_first_layer_is_checked_on_a_slice_of_its_batch(monkeypatch):
+    # The first layer's input carries no tangent; the check still takes two of its rows, not
+    # the whole batch in float64 (which made a ForwardSGD run's first step its largest).
+    from forwardgrad.jvp import rule_check
+
+    seen = []
+    original = rule_check._tangents_of
+
+    def record(mode, rule, func, values, *args):
+        if rule.name == "linear":
+            seen.append(values[0].shape)
+        return original(mode, rule, func, values, *args)
+
+    monkeypatch.setattr(rule_check, "_tangents_of", record)
+    model = gelu_net()
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    fg.ForwardGradient(seed=0, rank=1).estimate(model, lambda: F.cross_entropy(model(x), y))
+    assert seen and all(shape[0] == rule_check.ROWS for shape in seen), seen
+
+
 def test_the_fallback_is_reported_once_and_kept():
     class Scripted(nn.Module):
         def __init__(self):
