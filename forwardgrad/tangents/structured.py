@@ -161,9 +161,14 @@ def add_combination(
 def write_combination(
     out: torch.Tensor, factors: Factors, coefficients: Sequence[float] | torch.Tensor
 ) -> torch.Tensor:
-    """``out ← Σ_k c_k A_k B_kᵀ`` (contiguous ``out``), one matrix product written in place."""
+    """``out ← Σ_k c_k A_k B_kᵀ`` (contiguous ``out``), one matrix product written in place
+    (``addr_`` ignoring what ``out`` held when K·r = 1)."""
     left, right = combined(factors, coefficients)
-    torch.mm(left, right.T, out=out.view(left.shape[0], right.shape[0]))
+    matrix = out.view(left.shape[0], right.shape[0])
+    if left.shape[1] == 1:
+        matrix.addr_(left[:, 0], right[:, 0], beta=0)
+    else:
+        torch.mm(left, right.T, out=matrix)
     return out
 
 

@@ -9,7 +9,11 @@ adding one product, ẋ Wᵀ, instead of backprop's two).
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from forwardgrad.jvp.rules.registry import arg
 
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,25 +57,53 @@ def add_times_columns(
     return target.baddbmm_(a, b.transpose(1, 2) @ columns, beta=beta)
 
 
-def convolved(func, x, weight, factors: Factors, args, kwargs) -> torch.Tensor:
+def convolved(func, x, weight, factors: Factors, args, kwargs, into=None) -> torch.Tensor:
     """x ⊛ V_k for all k, the kernel (C_out, C_in, *kernel) viewed as C_out × (C_in·∏kernel),
-    without groups: one convolution of x with the K·r filters b_kj, then output channel o of
-    tangent k is Σ_j A_k[o, j] (x ⊛ b_kj). Shape (K, [B], C_out, ...)."""
+    without groups: the K·r images x ⊛ b_kj (``_filter_images``), then output channel o of
+    tangent k is Σ_j A_k[o, j] (x ⊛ b_kj). Shape (K, [B], C_out, ...); added into ``into`` (of
+    that shape) when given, for rank 1 without a temporary of that size."""
     a, b = factors
     count, channels, rank = a.shape
-    filters = b.transpose(1, 2).reshape(count * rank, *weight.shape[1:])
-    images = func(x, filters, None, *args, **kwargs)  # ([B], K·r, ...)
+    images = _filter_images(func, x, weight, b, args, kwargs)  # ([B], K·r, ...)
     batched = x.dim() == weight.dim()
     if not batched:
         images = images.unsqueeze(0)
     size, spatial = images.shape[0], images.shape[2:]
     images = images.reshape(size, count, rank, -1).transpose(0, 1)  # (K, B, r, S)
+    if rank == 1 and into is not None and into.is_contiguous():
+        into.view(count, size, channels, -1).addcmul_(images, a.view(count, 1, channels, 1))
+        return into
     if rank == 1:
         result = images * a.view(count, 1, channels, 1)
     else:
         result = torch.matmul(a.unsqueeze(1), images)  # (K, B, C_out, S)
     result = result.view(count, size, channels, *spatial)
-    return result if batched else result.squeeze(1)
+    result = result if batched else result.squeeze(1)
+    return result if into is None else into.add_(result)
+
+
+def _filter_images(func, x, weight, b, args, kwargs) -> torch.Tensor:
+    """x ⊛ b_kj for the K·r filters b_kj (C_in, *kernel): ([B], K·r, ...).
+
+    One convolution with the K·r filters; or, when x has more channels than the K·r filters
+    have positions in all (K·r·P <= C_in, P = ∏kernel > 1), x ⊛ b = Σ_p shift_p(Σ_c b[c, p] x_c):
+    the inner sums are one matrix product of the K·r·P rows of b with x's channels, the shifts a
+    grouped convolution with one-hot kernels. A convolution with one or a few output channels
+    runs far below oneDNN's peak; a matrix product with K·r·P rows does not."""
+    count, _, rank = b.shape
+    channels, kernel = weight.shape[1], weight.shape[2:]
+    positions = math.prod(kernel)
+    filters = b.transpose(1, 2).reshape(count * rank, channels, positions)
+    if positions == 1 or count * rank * positions > channels:
+        return func(x, filters.view(count * rank, channels, *kernel), None, *args, **kwargs)
+    rows = filters.transpose(1, 2).reshape(count * rank * positions, channels)
+    sums = torch.matmul(rows, x.flatten(-len(kernel)))  # ([B], K·r·P, S)
+    sums = sums.view(*sums.shape[:-1], *x.shape[-len(kernel) :])
+    one_hot = torch.eye(positions, dtype=x.dtype, device=x.device).view(1, positions, *kernel)
+    stride, padding = arg(args, kwargs, 0, "stride", 1), arg(args, kwargs, 1, "padding", 0)
+    dilation = arg(args, kwargs, 2, "dilation", 1)
+    shifts = one_hot.expand(count * rank, positions, *kernel)
+    return func(sums, shifts, None, stride, padding, dilation, count * rank)
 
 
 def looked_up(indices: torch.Tensor, factors: Factors) -> torch.Tensor:

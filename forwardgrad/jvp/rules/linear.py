@@ -178,6 +178,11 @@ def _conv_samples(dtype):
     yield (randn(2, 3, 8, dtype=dtype), randn(4, 3, 3, dtype=dtype), randn(4, dtype=dtype)), {}
     yield (randn(2, 4, 8, dtype=dtype), randn(4, 1, 3, dtype=dtype)), {"groups": 4}
     yield (randn(1, 2, 4, 4, 4, dtype=dtype), randn(3, 2, 2, 2, 2, dtype=dtype)), {}
+    # More input channels than kernel positions (a structured tangent's shifted sums)
+    x, w = randn(2, 20, 7, 7, dtype=dtype), randn(4, 20, 3, 3, dtype=dtype)
+    yield (x, w, randn(4, dtype=dtype)), {"stride": 2, "padding": 1}
+    yield (x, w), {"padding": "same", "dilation": 2}
+    yield (randn(2, 6, 9, dtype=dtype), randn(3, 6, 2, dtype=dtype), None, 2), {}
 
 
 @rule("conv1d", "conv2d", "conv3d", samples=_conv_samples, owners=(torch, F), structured=(1,))
@@ -211,9 +216,10 @@ def convolution(mode, func, x, weight, bias=None, *args, **kwargs):
             if fresh:
                 tangent = torch.empty((count, *out.shape), dtype=out.dtype, device=out.device)
             for rows in slices:
-                stacked = images(x[rows])
-                target = tangent[:, rows]
-                target.copy_(stacked) if fresh else target.add_(stacked)
+                if fresh:
+                    tangent[:, rows] = images(x[rows])
+                else:
+                    images(x[rows], tangent[:, rows])
     if tb is not None:
         channel = 1 if batched else 0
         bias_tangent = tb.reshape(count, *([1] * channel), -1, *([1] * (out.dim() - channel - 1)))
@@ -222,15 +228,21 @@ def convolution(mode, func, x, weight, bias=None, *args, **kwargs):
 
 
 def _weight_images(mode, func, weight, args, kwargs):
-    """x ↦ x ⊛ V_k for all k, shape (K, [B], C_out, ...): by the factors of structured
-    tangents (without groups), else by the whole tangents; None if the weight carries none."""
+    """(x, into=None) ↦ x ⊛ V_k for all k, shape (K, [B], C_out, ...), added into ``into`` if
+    given: by the factors of structured tangents (without groups), else by the whole tangents;
+    None if the weight carries none."""
     factors = mode.factors(weight) if arg(args, kwargs, 3, "groups", 1) == 1 else None
     if factors is not None:
-        return lambda x: factored.convolved(func, x, weight, factors, args, kwargs)
+        return lambda x, into=None: factored.convolved(func, x, weight, factors, args, kwargs, into)
     tw = mode.tangent(weight)
     if tw is None:
         return None
-    return lambda x: _weight_tangent_images(func, x, tw, args, kwargs)
+
+    def images(x, into=None):
+        stacked = _weight_tangent_images(func, x, tw, args, kwargs)
+        return stacked if into is None else into.add_(stacked)
+
+    return images
 
 
 def _convolution_tangent(func, x, tx, weight, images, count, args, kwargs) -> torch.Tensor:
@@ -243,8 +255,7 @@ def _convolution_tangent(func, x, tx, weight, images, count, args, kwargs) -> to
         shape = (count, *([x.shape[0]] if batched else []), *tangent_images.shape[1:])
         result = shaped(tangent_images, shape)
     if images is not None:
-        stacked = images(x)
-        result = stacked.contiguous() if result is None else result.add_(stacked)
+        result = images(x).contiguous() if result is None else images(x, result)
     return result
 
 
