@@ -17,6 +17,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from forwardgrad.tangents.sources import GivenTangents
+from forwardgrad.tangents.structured import materialise
 
 ROWS = 2  # rows of the batch the check keeps
 # Of the tangent's scale: float64 results to 1e-7 (PyTorch's formulas use a few float32
@@ -101,7 +102,7 @@ def _inputs(mode, flat, batch, rows):
         if structured is not None:  # never the whole tangent of the step's own parameter
             a, b = (f[:1].to(torch.float64) for f in structured)
             factors[i] = (a, b)
-            tangents[i] = torch.bmm(a, b.transpose(1, 2)).view(1, *value.shape)
+            tangents[i] = materialise((a, b), value.shape)
             continue
         tangent = mode.tangent(value) if part.is_floating_point() else None
         if tangent is not None:

@@ -3,8 +3,9 @@
 A *tangent* is a random direction v with zero-mean components and E[v vᵀ] = I, so that the
 forward gradient (∇f·v) v is an unbiased estimate of ∇f (Baydin et al. 2022, "Gradients
 without Backpropagation"). This package holds the distributions (a registry), the seeded
-per-parameter streams they are drawn from, the sources the derivative engine asks for a
-parameter's tangents, and the combiners that turn K directional derivatives into an estimate.
+per-parameter streams they are drawn from, the structured (low-rank) tangents of weight matrices,
+the sources the derivative engine asks for a parameter's tangents, and the combiners that turn K
+directional derivatives into an estimate.
 """
 
 from forwardgrad.seeds import draw_seed

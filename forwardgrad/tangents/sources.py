@@ -217,6 +217,10 @@ class HeldTangents(StreamedSource):
 
     def __call__(self, index: int) -> torch.Tensor:
         if index not in self.held:
+            factors = self.factors(index)
+            if factors is not None:  # formed only for a rule or path that needs it whole
+                self.held[index] = structured.materialise(factors, self.params[index].shape)
+                return self.held[index]
             p, buffer = self.params[index], self.buffers.get(index)
             shape = (self.count, *p.shape)
             if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (
@@ -225,13 +229,8 @@ class HeldTangents(StreamedSource):
                 p.device,
             ):
                 buffer = self.buffers[index] = torch.empty(shape, dtype=p.dtype, device=p.device)
-            factors = self.factors(index)
-            if factors is not None:  # formed only for a rule or path that needs it whole
-                a, b = factors
-                torch.bmm(a, b.transpose(1, 2), out=buffer.view(self.count, a.shape[1], -1))
-            else:
-                for k in range(self.count):
-                    streams.fill_tangent(buffer[k], self.distribution, self.seed, index, k)
+            for k in range(self.count):
+                streams.fill_tangent(buffer[k], self.distribution, self.seed, index, k)
             self.held[index] = buffer
         return self.held[index]
 

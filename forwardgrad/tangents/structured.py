@@ -108,25 +108,29 @@ def parameter_factors(
 
     Returns ``(A, B)``, A of shape (K, m, r) holding a/√r and B of shape (K, n, r), so that
     V_k = A_k B_kᵀ; a pure function of ``(seed, index, k)``, the distribution, the shape, the
-    dtype and ``rank``. Tangent k's a and b are the (m + n)·r values of one stream (a first),
-    drawn with ``streams.fill_tangent`` under the seed ``derive_seed(seed, "structured")``:
-    one draw per parameter and tangent, which matters for small layers.
+    dtype and ``rank``. Tangent k's a and b are the first (m + n)·r values of one stream (a
+    first), drawn with ``streams.fill_tangent`` under the seed ``derive_seed(seed,
+    "structured")``: one draw per parameter and tangent, which matters for small layers. The
+    stream is drawn to a multiple of 64 values (whole words of Rademacher signs, no tail pass).
     """
     check_distribution(distribution, STREAMABLE)
     m, n = matrix_shape(like)
-    values = torch.empty((count, (m + n) * rank), dtype=like.dtype, device=like.device)
+    length = -(-(m + n) * rank // 64) * 64
+    values = torch.empty((count, length), dtype=like.dtype, device=like.device)
     stream = derive_seed(seed, _PURPOSE)
     for k in range(count):
         fill_tangent(values[k], distribution, stream, index, k)
     a = values[:, : m * rank].view(count, m, rank)
     if rank > 1:
         a.mul_(1 / math.sqrt(rank))
-    return a, values[:, m * rank :].view(count, n, rank)
+    return a, values[:, m * rank : (m + n) * rank].view(count, n, rank)
 
 
 def materialise(factors: Factors, shape: Sequence[int]) -> torch.Tensor:
     """The K whole tangents A_k B_kᵀ, shape ``(K, *shape)``."""
     a, b = factors
+    if a.shape[2] == 1:  # outer products: bmm with inner size 1 is far slower
+        return (a * b.transpose(1, 2)).view(a.shape[0], *shape)
     return torch.bmm(a, b.transpose(1, 2)).view(a.shape[0], *shape)
 
 

@@ -43,6 +43,10 @@ def add_rows_times(
     if count == 1 and rank == 1:
         target[0].addr_(projected[0, :, 0], a[0, :, 0], beta=beta)
         return target
+    if rank == 1:  # K outer products; baddbmm with inner size 1 runs 15 times slower
+        if beta == 0:
+            return torch.mul(projected, a.transpose(1, 2), out=target)
+        return target.addcmul_(projected, a.transpose(1, 2))
     return target.baddbmm_(projected, a.transpose(1, 2), beta=beta)
 
 
