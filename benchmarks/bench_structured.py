@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import forwardgrad as fg
+from forwardgrad.experiments.problems import make_model
 
 
 def make_problem(model: str, batch: int, depth: int = 0, width: int = 1024):
@@ -41,7 +42,7 @@ def make_problem(model: str, batch: int, depth: int = 0, width: int = 1024):
             layers += [nn.Linear(width, width), nn.ReLU()]
         network = nn.Sequential(*layers, nn.Linear(width, 10))
     else:
-        network = fg.make_model(model)
+        network = make_model(model)
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 1, 28, 28, generator=generator)
     labels = torch.randint(0, 10, (batch,), generator=generator)
