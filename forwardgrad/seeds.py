@@ -7,6 +7,7 @@ unrelated streams and the same keys give the same numbers on every process and m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import torch
@@ -23,8 +24,13 @@ def _splitmix64(value: int) -> int:
 
 def _key_value(key: int | str) -> int:
     if isinstance(key, str):  # a purpose: hashed, so that any name is a key
-        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        return _name_value(key)
     return int(key) & _MASK64
+
+
+@functools.lru_cache(maxsize=256)
+def _name_value(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
 def derive_seed(*keys: int | str) -> int:
