@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from forwardgrad.jvp import inject
 from forwardgrad.jvp.replay import Replay
 from forwardgrad.jvp.routes import COMPOSITES, CONTEXTS
 from forwardgrad.tangents.sources import TangentSource
@@ -56,6 +57,16 @@ class DualParameters(TorchFunctionMode):
                 self._duals[index] = dual
         return dual
 
+    @property
+    def count(self) -> int:
+        return self.source.count
+
+    def add_tangent(self, value: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+        """The dual tensor with ``value``'s primal and tangent ż + u[k] (``jvp.inject``)."""
+        primal, current = fwAD.unpack_dual(value)
+        added = tangent[self.k] if current is None else current + tangent[self.k]
+        return fwAD.make_dual(primal, added)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         args, kwargs = tree_map(self._dual, (args, kwargs or {}))
         composite = COMPOSITES.get(func)
@@ -72,7 +83,8 @@ def dual_evaluation(
     closure: Callable[[], object], source: TangentSource, k: int
 ) -> tuple[object, torch.Tensor | None]:
     """The closure's value and its tangent along tangent k of ``source``, by dual tensors."""
-    with fwAD.dual_level(), DualParameters(source, k, source.keeps):
+    dual = DualParameters(source, k, source.keeps)
+    with fwAD.dual_level(), dual, inject.evaluating(dual):
         value = closure()
         tangent = fwAD.unpack_dual(value).tangent if isinstance(value, torch.Tensor) else None
     return value, tangent  # the value is a plain tensor once its level has closed

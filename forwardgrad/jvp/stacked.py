@@ -37,7 +37,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from forwardgrad.jvp import rule_check
+from forwardgrad.jvp import inject, rule_check
 from forwardgrad.jvp.forward_ad import forward_ad_call
 from forwardgrad.jvp.in_place import out_of_place
 from forwardgrad.jvp.routes import COMPOSITES, CONTEXTS
@@ -165,6 +165,16 @@ class StackedTangents(TorchFunctionMode):
         else:
             self._tangents.pop(out, None)
         return out
+
+    def add_tangent(self, value: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+        """ż ← ż + u for a tensor the closure computed (``jvp.inject``); ``tangent`` stays the
+        caller's: it is tracked as it is only when z had none, and then never written over."""
+        if self.is_parameter(value):
+            raise Unsupported("a tangent injected at a parameter")
+        current = self.tangent(value)
+        if current is None:
+            return self.track(value, tangent, fresh=False)
+        return self.track(value, current + tangent, fresh=True)
 
     def carries(self, value: object) -> bool:
         if isinstance(value, torch.Tensor):
@@ -395,7 +405,7 @@ def stacked_derivatives(
     """
     mode = StackedTangents(source, reuse, check_rules)
     mode.boundary = sys._getframe()
-    with mode:
+    with mode, inject.evaluating(mode):
         value = closure()
         tangent = mode.tangent(value) if isinstance(value, torch.Tensor) else None
     return value, tangent, mode
