@@ -14,6 +14,7 @@ from forwardgrad.errors import (
 )
 from forwardgrad.estimators import (
     ESTIMATORS,
+    ActivityPerturbation,
     Backprop,
     Estimator,
     ForwardGradient,
@@ -44,6 +45,7 @@ __all__ = [
     "COMBINERS",
     "DISTRIBUTIONS",
     "ESTIMATORS",
+    "ActivityPerturbation",
     "Backprop",
     "ConfigurationError",
     "Directional",

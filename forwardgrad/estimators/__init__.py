@@ -1,12 +1,15 @@
-"""Gradient estimators: forward gradient, zeroth-order (SPSA) and exact backprop, one protocol.
+"""Gradient estimators: forward gradient, activity-perturbed forward gradient, zeroth-order (SPSA)
+and exact backprop, one protocol.
 
 Two layers:
 
 - Functional: ``forward_grad(fn, params, ...)``, ``zeroth_order_grad``, ``backprop_grad`` take a
   function of a dict of tensors and return ``(value, grads)``, like ``torch.func``.
-- Module: ``ForwardGradient``, ``ZerothOrder``, ``Backprop`` share ``loss = est.estimate(model,
-  closure)``; it overwrites ``.grad`` of every trainable parameter with the estimate, so any
-  ``torch.optim`` optimizer applies the step.
+- Module: ``ForwardGradient``, ``ActivityPerturbation``, ``ZerothOrder``, ``Backprop`` share
+  ``loss = est.estimate(model, closure)``; it overwrites ``.grad`` of every trainable parameter
+  with the estimate, so any ``torch.optim`` optimizer applies the step.
+
+``tables`` says what closures may return: a scalar loss, or per-example losses.
 
 ``ESTIMATORS`` maps each name to its class; ``make_estimator(name, **options)`` builds one and
 passes it the options it takes (the command line, the report and the benchmark all use it).
@@ -15,6 +18,7 @@ passes it the options it takes (the command line, the report and the benchmark a
 from __future__ import annotations
 
 from forwardgrad.errors import ConfigurationError, EstimatorError
+from forwardgrad.estimators.activity import ActivityPerturbation
 from forwardgrad.estimators.backprop import Backprop, backprop_grad
 from forwardgrad.estimators.base import Estimator, Reducer, Seeded
 from forwardgrad.estimators.forward import ForwardGradient, forward_grad
@@ -41,6 +45,7 @@ def make_estimator(name: str, **options) -> Estimator:
 
 __all__ = [
     "ESTIMATORS",
+    "ActivityPerturbation",
     "Backprop",
     "ConfigurationError",
     "Estimator",
