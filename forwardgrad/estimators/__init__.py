@@ -9,7 +9,8 @@ Two layers:
   ``loss = est.estimate(model, closure)``; it overwrites ``.grad`` of every trainable parameter
   with the estimate, so any ``torch.optim`` optimizer applies the step.
 
-``tables`` says what closures may return: a scalar loss, or per-example losses.
+``LocalLosses`` wraps a sequential network into blocks with auxiliary heads and local losses;
+every module estimator above trains it (``tables`` says what closures may return).
 
 ``ESTIMATORS`` maps each name to its class; ``make_estimator(name, **options)`` builds one and
 passes it the options it takes (the command line, the report and the benchmark all use it).
@@ -22,6 +23,7 @@ from forwardgrad.estimators.activity import ActivityPerturbation
 from forwardgrad.estimators.backprop import Backprop, backprop_grad
 from forwardgrad.estimators.base import Estimator, Reducer, Seeded
 from forwardgrad.estimators.forward import ForwardGradient, forward_grad
+from forwardgrad.estimators.local_losses import LocalLosses
 from forwardgrad.estimators.zeroth_order import ZerothOrder, zeroth_order_grad
 
 ESTIMATORS: dict[str, type[Estimator]] = {
@@ -51,6 +53,7 @@ __all__ = [
     "Estimator",
     "EstimatorError",
     "ForwardGradient",
+    "LocalLosses",
     "Reducer",
     "Seeded",
     "ZerothOrder",

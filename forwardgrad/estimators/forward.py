@@ -10,6 +10,8 @@ from torch import nn
 
 from forwardgrad import tangents as tg
 from forwardgrad.estimators.base import WIRE_BYTES, Seeded, check_finite, trainable
+from forwardgrad.estimators.grouped import grouped_estimate
+from forwardgrad.estimators.tables import group_of_parameters, loss_groups
 from forwardgrad.jvp import directional_derivatives
 from forwardgrad.jvp.checks import check_value
 from forwardgrad.seeds import draw_seed
@@ -107,6 +109,10 @@ class ForwardGradient(Seeded):
     ← Σ_k c_k A_k B_kᵀ is one matrix product. Orthogonal tangents and the projection combiner
     are refused with structured tangents (see ``tangents.check_structured``).
 
+    With local losses (a model that declares ``loss_groups``, e.g. ``LocalLosses``, and a
+    closure that returns its table of losses) each block's parameters take their own block's
+    derivatives d_l, not Σ_l d_l (``estimators.grouped``).
+
     Args:
       tangents: K >= 1.
       distribution: ``"normal"``, ``"rademacher"`` or ``"orthogonal"`` (K <= n).
@@ -145,7 +151,9 @@ class ForwardGradient(Seeded):
         return f"forward (K={self.tangents}, {self.distribution}, {self.combine}{structure})"
 
     def bytes_per_step(self, model: nn.Module) -> int:
-        return WIRE_BYTES * (self.tangents + 1)  # the loss and the K derivatives
+        groups = loss_groups(model)
+        rows = 1 if groups is None else len(groups)  # one per local loss
+        return WIRE_BYTES * (self.tangents + 1) * rows  # each loss and its K derivatives
 
     def source(self, params: list[torch.Tensor]) -> tg.TangentSource:
         """This step's tangents for ``params``, drawn from this estimator's generator."""
@@ -162,8 +170,11 @@ class ForwardGradient(Seeded):
 
     def estimate(self, model: nn.Module, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         params = trainable(model)
+        grouped = group_of_parameters(model, params)
         source = self.source(params)
         try:
+            if grouped is not None:
+                return grouped_estimate(self, model, closure, source, *grouped)
             loss, derivatives = self.derivatives(model, closure, source)
             source.write_grads(self.coefficients(derivatives, source))
         except BaseException:
