@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from forwardgrad import tangents as tg
+from forwardgrad.errors import ConfigurationError
 from forwardgrad.estimators.base import WIRE_BYTES, Seeded, check_finite, trainable
 from forwardgrad.estimators.grouped import grouped_estimate
+from forwardgrad.estimators.guess import GUESSES, local_guess_estimate
 from forwardgrad.estimators.tables import group_of_parameters, loss_groups
 from forwardgrad.jvp import directional_derivatives
 from forwardgrad.jvp.checks import check_value
@@ -111,7 +113,9 @@ class ForwardGradient(Seeded):
 
     With local losses (a model that declares ``loss_groups``, e.g. ``LocalLosses``, and a
     closure that returns its table of losses) each block's parameters take their own block's
-    derivatives d_l, not Σ_l d_l (``estimators.grouped``).
+    derivatives d_l, not Σ_l d_l (``estimators.grouped``). ``guess="local"`` replaces the
+    random tangents with each block's local-loss gradient and projects the model's own
+    loss onto it (Fournier et al. 2023, ``estimators.guess``): deterministic and *biased*.
 
     Args:
       tangents: K >= 1.
@@ -122,10 +126,12 @@ class ForwardGradient(Seeded):
       fast: try the fast path first (the default); False always takes the general path, for
         comparisons and debugging.
       rank: None (dense tangents, the default) or an integer r >= 1 (structured tangents).
+      guess: ``None`` (random tangents) or ``"local"`` (local guesses; needs a model with local
+        losses, K = 1, dense tangents, one process).
     """
 
     name = "forward"
-    options = ("tangents", "distribution", "combine", "seed", "fast", "rank")
+    options = ("tangents", "distribution", "combine", "seed", "fast", "rank", "guess")
 
     def __init__(
         self,
@@ -135,11 +141,15 @@ class ForwardGradient(Seeded):
         seed: int | None = None,
         fast: bool = True,
         rank: int | None = None,
+        guess: str | None = None,
     ):
         self.tangents = tg.check_count(tangents)
+        self.guess = _check_guess(guess, self.tangents)
         self.distribution = tg.check_distribution(distribution)
         self.combine = tg.check_combine(combine)
         self.rank = tg.check_structured(rank, self.distribution, self.combine)
+        if self.guess is not None and self.rank is not None:
+            raise ConfigurationError("guess='local' takes its directions whole; leave rank unset.")
         self.fast = bool(fast)
         super().__init__(seed)
         # K > 1: the tangent tensors of the last step, reused so that each step does not pay
@@ -147,6 +157,8 @@ class ForwardGradient(Seeded):
         self._buffers: dict[int, torch.Tensor] = {}
 
     def describe(self) -> str:
+        if self.guess is not None:
+            return f"forward ({self.guess} guess)"
         structure = "" if self.rank is None else f", rank {self.rank}"
         return f"forward (K={self.tangents}, {self.distribution}, {self.combine}{structure})"
 
@@ -169,6 +181,8 @@ class ForwardGradient(Seeded):
         )
 
     def estimate(self, model: nn.Module, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self.guess == "local":
+            return local_guess_estimate(self, model, closure)
         params = trainable(model)
         grouped = group_of_parameters(model, params)
         source = self.source(params)
@@ -203,3 +217,14 @@ class ForwardGradient(Seeded):
             return tg.mean_coefficients(derivatives)
         n = sum(p.numel() for p in source.params)
         return tg.projection_coefficients(derivatives, source.gram(), n)
+
+
+def _check_guess(guess: str | None, tangents: int) -> str | None:
+    if guess is not None and guess not in GUESSES:
+        raise ConfigurationError(f"unknown guess {guess!r}; choose None or one of {GUESSES}.")
+    if guess is not None and tangents != 1:
+        raise ConfigurationError(
+            f"guess={guess!r} takes one direction per block (its local gradient); "
+            f"leave tangents at 1, got {tangents}."
+        )
+    return guess

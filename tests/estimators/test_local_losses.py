@@ -1,6 +1,6 @@
 """Local losses: blocks with heads and detached inputs; each block's forward-gradient estimate
-is the one computed on that block alone; activity perturbation and local backprop on the
-same wrapper; bad blocks and bad closures."""
+is the one computed on that block alone; activity perturbation, local backprop and local
+guesses on the same wrapper; bad blocks and bad closures."""
 
 import contextlib
 
@@ -169,9 +169,10 @@ def test_activity_perturbation_uses_each_layers_own_block(fast):
     [
         (lambda: fg.ForwardGradient(tangents=4, seed=0), True),
         (lambda: fg.ActivityPerturbation(tangents=2, seed=0), True),
+        (lambda: fg.ForwardGradient(guess="local"), True),
         (fg.Backprop, False),
     ],
-    ids=["forward", "activity", "local-backprop"],
+    ids=["forward", "activity", "local-guess", "local-backprop"],
 )
 def test_every_estimator_trains_the_blocks(make, table):
     x, y = data()
@@ -215,6 +216,42 @@ def test_a_data_parallel_job_sums_each_blocks_loss_and_derivatives():
         torch.testing.assert_close(p.grad, 2 * g)
 
 
+# --------------------------------------------------------------------------- local guesses
+
+
+@PATHS
+def test_local_guesses_project_the_models_gradient_onto_each_blocks_local_gradient(fast):
+    local = wrapped()
+    x, y = data()
+    estimator = fg.ForwardGradient(guess="local", fast=fast)
+    loss = estimator.estimate(local, lambda: local.losses(x, y))
+    assert estimator.last_path == ("fast" if fast else "general")
+    torch.testing.assert_close(loss, F.cross_entropy(local(x), y))
+    exact = torch.autograd.grad(F.cross_entropy(local(x), y), list(local.blocks.parameters()))
+    exact = dict(zip(map(id, local.blocks.parameters()), exact))
+    cosines = []
+    for l, block in enumerate(local.blocks):
+        alone, closure = block_alone(local, l, x, y)
+        guess = dict(
+            zip(
+                map(id, alone.parameters()),
+                torch.autograd.grad(closure(), list(alone.parameters())),
+            )
+        )
+        body = list(block.parameters())
+        v = torch.cat([guess[id(p)].flatten() for p in body])
+        g = torch.cat([exact[id(p)].flatten() for p in body])
+        estimate = torch.cat([p.grad.flatten() for p in body])
+        torch.testing.assert_close(estimate, (v @ g) / (v @ v) * v, rtol=1e-9, atol=1e-12)
+        cosines.append(float(F.cosine_similarity(estimate, g, 0)))
+        if l < len(local.heads):  # heads take their exact local gradient
+            for p in local.heads[l].parameters():
+                torch.testing.assert_close(p.grad, guess[id(p)])
+    # Biased: the earlier blocks lose the part of ∇L orthogonal to their guess; the last is exact.
+    assert all(c < 0.999 for c in cosines[:-1]) and cosines[-1] == pytest.approx(1.0)
+    assert all(c > 0 for c in cosines)  # ...but each is a descent direction
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -253,8 +290,9 @@ def test_other_bad_wrappers():
         (fg.ForwardGradient, lambda local, x, y: local(x), r"shape \(5, 3\)"),
         (fg.ActivityPerturbation, lambda local, x, y: local.losses(x, y).mean(1), r"shape \(3,\)"),
         (fg.ActivityPerturbation, lambda local, x, y: local.loss(x, y), "no per-example"),
+        (lambda: fg.ForwardGradient(guess="local"), lambda local, x, y: local.loss(x, y), "3 rows"),
     ],
-    ids=["fg-rows", "fg-logits", "activity-no-examples", "activity-scalar"],
+    ids=["fg-rows", "fg-logits", "activity-no-examples", "activity-scalar", "guess-scalar"],
 )
 def test_a_closure_of_the_wrong_shape(make, closure, words):
     local = wrapped()
@@ -275,9 +313,20 @@ def test_a_scalar_closure_takes_the_one_derivative_for_every_block():
         torch.testing.assert_close(g, expected)
 
 
-def test_parameters_outside_every_block():
+def test_parameters_outside_every_block_and_guesses_without_blocks():
     local = wrapped()
     local.extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     x, y = data()
     with pytest.raises(fg.ConfigurationError, match="extra belong to none of them"):
         fg.ForwardGradient(seed=0).estimate(local, lambda: local.losses(x, y))
+    model = sequential()
+    with pytest.raises(fg.ConfigurationError, match="needs a model with local losses"):
+        fg.ForwardGradient(guess="local").estimate(model, lambda: F.cross_entropy(model(x), y))
+    with pytest.raises(fg.ConfigurationError, match="leave tangents at 1"):
+        fg.ForwardGradient(tangents=2, guess="local")
+    with pytest.raises(fg.ConfigurationError, match="unknown guess"):
+        fg.ForwardGradient(guess="global")
+    guessing = fg.ForwardGradient(guess="local")
+    guessing.reducer = Doubling()
+    with pytest.raises(fg.ConfigurationError, match="does not run data-parallel"):
+        guessing.estimate(wrapped(), lambda: local.losses(x, y))
