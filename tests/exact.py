@@ -34,13 +34,15 @@ def output_gradients(table, modules):
     return found
 
 
-def expected_output_gradients(exact, tangents, groups):
+def expected_output_gradients(exact, tangents, groups, alone=False):
     """ĝ^c = (1/KB) Σ_k d_{k,g(c),n} u^c_{k,n}, with d the exact per-example derivatives along
-    every call's tangents; ``groups[c]`` is call c's row, or None for the sum over rows."""
+    every call's tangents (``alone``: along call c's own tangents only, as with layerwise
+    tangent slots); ``groups[c]`` is call c's row, or None for the sum over rows."""
     count, batch = tangents[0].shape[:2]
-    d = sum(torch.einsum("gn...,kn...->kgn", e, u) for e, u in zip(exact, tangents))
+    own = [torch.einsum("gn...,kn...->kgn", e, u) for e, u in zip(exact, tangents)]
     found = []
-    for u, group in zip(tangents, groups):
+    for c, (u, group) in enumerate(zip(tangents, groups)):
+        d = own[c] if alone else sum(own)
         coefficients = d[:, group] if group is not None else d.sum(1)
         found.append(torch.einsum("kn,kn...->n...", coefficients / (count * batch), u))
     return found

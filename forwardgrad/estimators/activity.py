@@ -51,7 +51,8 @@ class NoParameterTangents(TangentSource):
 class _Layer:
     name: str
     module: nn.Module
-    group: int | None  # the loss group it serves, for a model with local losses
+    group: int | None = None  # the loss group it serves, for a model with local losses
+    slot: int = 0  # layerwise: which K of the K·S stacked tangents are its own
 
 
 @dataclass
@@ -79,6 +80,7 @@ class _Perturbation:
 
     def __init__(self, layers: list[_Layer], count: int, distribution: str, seed: int):
         self.layers, self.count, self.distribution, self.seed = layers, count, distribution, seed
+        self.slots = 1 + max(layer.slot for layer in layers)
         self.calls: list[PerturbedCall] = []
         self.position = 0
 
@@ -105,7 +107,11 @@ class _Perturbation:
                 self.calls.append(PerturbedCall(layer, u))
             call = self.calls[position]
             call.x = fwAD.unpack_dual(args[0]).primal.detach()
-            return add_tangent(output, call.u)
+            if self.slots == 1:
+                return add_tangent(output, call.u)
+            stacked = call.u.new_zeros((self.count * self.slots, *output.shape))
+            stacked[layer.slot * self.count : (layer.slot + 1) * self.count] = call.u
+            return add_tangent(output, stacked)
 
         return hook
 
@@ -128,7 +134,11 @@ class ActivityPerturbation(Seeded):
     (D_l the size of z^l_n); the second term, the other layers' noise, is what one evaluation
     per layer would avoid at L times the cost. With local losses (a model with ``loss_groups``,
     e.g. ``LocalLosses``) layer l uses only its own group's derivative d_{g(l),n}, so the other
-    blocks' layers add no noise. Models that mix examples (BatchNorm in training mode) break
+    blocks' layers add no noise. ``layerwise=True`` removes the second term altogether: each
+    layer serving a loss gets K tangent slots of its own, zero at the other layers, in the same
+    evaluation (K·S stacked tangents, S the most layers serving one loss), so that d for layer
+    l is ∇_{z^l_n} ℓ_n · u^l_n alone and E‖ĝ^l_n‖² = (D_l + 2)‖∇_{z^l_n} ℓ_n‖², at S times the
+    tangent arithmetic. Models that mix examples (BatchNorm in training mode) break
     the per-example assumption ∂ℓ_n/∂z_m = 0 for m ≠ n, and the estimate is then biased.
 
     Every trainable parameter must belong to a perturbed layer (else ``ConfigurationError``:
@@ -144,11 +154,12 @@ class ActivityPerturbation(Seeded):
         seed: seeds the tangents (``None``: drawn from torch's global generator).
         modules: names of (or references to) the layers to perturb: Linear, Conv1d/2d/3d;
             ``None`` chooses every such layer with trainable parameters.
+        layerwise: give each layer of a loss its own tangents (see above).
         fast: try the engine's fast path first.
     """
 
     name = "activity"
-    options = ("tangents", "distribution", "seed", "modules", "fast")
+    options = ("tangents", "distribution", "seed", "modules", "layerwise", "fast")
 
     def __init__(
         self,
@@ -156,16 +167,18 @@ class ActivityPerturbation(Seeded):
         distribution: str = "normal",
         seed: int | None = None,
         modules: Sequence[str | nn.Module] | None = None,
+        layerwise: bool = False,
         fast: bool = True,
     ):
         self.tangents = tg.check_count(tangents)
         self.distribution = tg.check_distribution(distribution, tg.STREAMABLE)
         self.modules = _check_modules(modules)
-        self.fast = bool(fast)
+        self.layerwise, self.fast = bool(layerwise), bool(fast)
         super().__init__(seed)
 
     def describe(self) -> str:
-        return f"activity (K={self.tangents}, {self.distribution})"
+        layerwise = ", layerwise" if self.layerwise else ""
+        return f"activity (K={self.tangents}, {self.distribution}{layerwise})"
 
     def bytes_per_step(self, model: nn.Module) -> int:
         params = _estimated(self.layers(model))
@@ -180,6 +193,10 @@ class ActivityPerturbation(Seeded):
             for layer in layers:
                 own = _estimated([layer])
                 layer.group = index[id(own[0])] if own else None
+        if self.layerwise:  # slots counted within each loss group
+            seen: dict[int | None, int] = {}
+            for layer in layers:
+                layer.slot = seen[layer.group] = seen.get(layer.group, -1) + 1
         return layers
 
     def estimate(self, model: nn.Module, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -188,13 +205,16 @@ class ActivityPerturbation(Seeded):
         _check_covered(model, params, layers)
         loss, calls = self._evaluate(model, closure, layers)
         estimated = _estimated(layers)
-        grads = {id(p): torch.zeros_like(p) for p in estimated}
+        wanted, grads = {id(p) for p in estimated}, {}
         for call in calls:  # each layer's own rule, summed over its calls
             for p, grad in parameter_gradients(call.layer.module, call.x, call.output_gradient):
                 if id(p) in grads:
                     grads[id(p)].add_(grad.to(p.dtype))
-        loss, grads = self._reduced(loss, [grads[id(p)] for p in estimated])
-        write_grads(estimated, grads)
+                elif id(p) in wanted:
+                    grads[id(p)] = grad.to(p.dtype)
+        found = [grads.get(id(p), torch.zeros_like(p)) for p in estimated]  # a layer not run: 0
+        loss, found = self._reduced(loss, found)
+        write_grads(estimated, found)
         return loss
 
     def output_gradients(
@@ -213,19 +233,21 @@ class ActivityPerturbation(Seeded):
         groups = None if grouped is None else grouped[1]
         perturbation = _Perturbation(layers, self.tangents, self.distribution, self._step_seed())
         table = LossTable(closure, groups, True, perturbation.rewind)
+        count = self.tangents * perturbation.slots
         with perturbation.installed():
             result = directional_derivatives(
-                model, table, NoParameterTangents(self.tangents), vector=True, fast=self.fast
+                model, table, NoParameterTangents(count), vector=True, fast=self.fast
             )
         self.last_path, self.last_fallback = result.path, result.fallback
-        derivatives = result.derivatives.reshape(self.tangents, table.rows, -1)
+        derivatives = result.derivatives.reshape(count, table.rows, -1)
         _check_batch(perturbation.calls, derivatives.shape[2])
         loss = objective(result.value, table.rows).sum()
         check_finite(loss, derivatives)
-        count, _, batch = derivatives.shape
+        count, batch = self.tangents, derivatives.shape[2]
         for call in perturbation.calls:
+            own = derivatives[call.layer.slot * count : (call.layer.slot + 1) * count]
             group = call.layer.group  # with local losses, only its own group's derivatives
-            d = derivatives[:, group] if group is not None else derivatives.sum(1)
+            d = own[:, group] if group is not None else own.sum(1)
             coefficients = (d / (count * batch)).to(call.u.dtype)
             call.output_gradient = torch.einsum("kn,kn...->n...", coefficients, call.u)
         return loss, perturbation.calls
@@ -292,7 +314,7 @@ def _resolve(model: nn.Module, modules) -> list[_Layer]:
                 f"module {name!r} is a {type(module).__name__}; activity perturbation has a "
                 "local gradient rule only for Linear and Conv1d/2d/3d layers."
             )
-        layers.append(_Layer(name, module, None))
+        layers.append(_Layer(name, module))
     return layers
 
 

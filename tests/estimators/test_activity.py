@@ -81,16 +81,22 @@ def test_each_layers_local_rule_is_its_exact_parameter_gradient(module, shape):
 
 @PATHS
 @pytest.mark.parametrize("make", [mlp, cnn])
-@pytest.mark.parametrize("count", [1, 3])
-def test_output_gradients_are_the_exact_per_example_combination(fast, make, count):
-    # ĝ^l_n = (1/KB) Σ_k (Σ_j ∇_{z^j_n} ℓ_n · u^j_{k,n}) u^l_{k,n}, to rounding.
+@pytest.mark.parametrize(("count", "layerwise"), [(1, False), (3, False), (2, True)])
+def test_output_gradients_are_the_exact_per_example_combination(fast, make, count, layerwise):
+    # ĝ^l_n = (1/KB) Σ_k (Σ_j ∇_{z^j_n} ℓ_n · u^j_{k,n}) u^l_{k,n}, to rounding; layerwise, the
+    # sum has the term j = l alone.
     model = make()
     x, y = data(model)
-    estimator = fg.ActivityPerturbation(tangents=count, seed=3, fast=fast)
+    estimator = fg.ActivityPerturbation(tangents=count, seed=3, layerwise=layerwise, fast=fast)
     loss, calls = estimator.output_gradients(model, per_example(model, x, y))
     assert estimator.last_path == ("fast" if fast else "general"), estimator.last_fallback
+    assert [c.layer.slot for c in calls] == (
+        list(range(len(calls))) if layerwise else [0] * len(calls)
+    )
     exact = output_gradients(per_example(model, x, y), layers(model))
-    expected = expected_output_gradients(exact, [c.u for c in calls], [None] * len(calls))
+    expected = expected_output_gradients(
+        exact, [c.u for c in calls], [None] * len(calls), alone=layerwise
+    )
     assert [c.layer.module for c in calls] == layers(model)
     for call, reference in zip(calls, expected):
         torch.testing.assert_close(call.output_gradient, reference, rtol=1e-9, atol=1e-12)
@@ -125,12 +131,12 @@ def test_both_paths_give_the_same_estimate():
 # --------------------------------------------------------------------------- statistics
 
 
-def sampled_output_gradients(model, x, y, count, samples):
+def sampled_output_gradients(model, x, y, count, samples, layerwise=False):
     """``samples`` K-averaged estimates of every layer's ĝ, stacked: one ``(N, B, ...)`` each."""
     # The engine checks its fast path against the general path on first use with K > 1,
     # one evaluation per tangent: settle that with K = 2 before drawing thousands.
     fg.ActivityPerturbation(tangents=2, seed=0).output_gradients(model, per_example(model, x, y))
-    estimator = fg.ActivityPerturbation(tangents=count, seed=11)
+    estimator = fg.ActivityPerturbation(tangents=count, seed=11, layerwise=layerwise)
     draws = [estimator.output_gradients(model, per_example(model, x, y))[1] for _ in range(samples)]
     return [torch.stack([d[c].output_gradient for d in draws]) for c in range(len(draws[0]))]
 
@@ -153,25 +159,27 @@ def test_output_gradients_are_unbiased_with_every_layer_perturbed_at_once(make):
         assert z.abs().max() < 6
 
 
-def test_perturbing_every_layer_at_once_costs_the_other_layers_noise():
+@pytest.mark.parametrize("layerwise", [False, True], ids=["shared", "layerwise"])
+def test_perturbing_every_layer_at_once_costs_the_other_layers_noise(layerwise):
     # Gaussian u, K tangents: E‖ĝ^l_n − g^l_n‖² = [(D_l + 1)‖∇_l ℓ_n‖² + D_l Σ_{j≠l}‖∇_j ℓ_n‖²]
-    # / (K B²); the second term is the price of one evaluation for every layer.
+    # / (K B²); the second term is the price of one set of tangents for every layer, and
+    # layerwise tangent slots (each layer its own K) remove it.
     model = mlp()
     x, y = data(model)
     count, samples = 64, 100
-    estimates = sampled_output_gradients(model, x, y, count, samples)
+    estimates = sampled_output_gradients(model, x, y, count, samples, layerwise)
     exact = [e[0] for e in output_gradients(per_example(model, x, y), layers(model))]
     norms = torch.stack([e.pow(2).sum(1) for e in exact])  # (layers, B)
     for l, (estimate, e) in enumerate(zip(estimates, exact)):
         size = e.shape[1]
         errors = (estimate - e / BATCH).pow(2).sum(2).sum(1)  # one per sample
         others = norms.sum(0) - norms[l]
-        predicted = ((size + 1) * norms[l] + size * others).sum() / (count * BATCH**2)
-        alone = ((size + 1) * norms[l]).sum() / (count * BATCH**2)  # one layer perturbed
+        shared = ((size + 1) * norms[l] + size * others).sum() / (count * BATCH**2)
+        alone = ((size + 1) * norms[l]).sum() / (count * BATCH**2)
         tolerance = 5 * errors.std() / samples**0.5
-        assert abs(errors.mean() - predicted) < tolerance
+        assert abs(errors.mean() - (alone if layerwise else shared)) < tolerance
         if l < 2:  # the output layer's gradient dwarfs the others' noise there
-            assert errors.mean() - alone > tolerance
+            assert abs(errors.mean() - (shared if layerwise else alone)) > tolerance
 
 
 # --------------------------------------------------------------------------- protocol

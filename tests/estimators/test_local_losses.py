@@ -147,18 +147,21 @@ def own_params(module):
 
 
 @PATHS
-def test_activity_perturbation_uses_each_layers_own_block(fast):
+@pytest.mark.parametrize("layerwise", [False, True], ids=["shared", "layerwise"])
+def test_activity_perturbation_uses_each_layers_own_block(fast, layerwise):
     local = wrapped()
     x, y = data()
-    estimator = fg.ActivityPerturbation(tangents=2, seed=8, fast=fast)
+    estimator = fg.ActivityPerturbation(tangents=2, seed=8, layerwise=layerwise, fast=fast)
     loss, calls = estimator.output_gradients(local, lambda: local.losses(x, y))
     assert estimator.last_path == ("fast" if fast else "general")
     torch.testing.assert_close(loss, local.loss(x, y))
     linears = [m for m in local.modules() if isinstance(m, nn.Linear)]
     exact = output_gradients(lambda: local.losses(x, y), linears)
     assert [c.layer.group for c in calls] == [0, 0, 1, 1, 2]  # block, head, block, head, last
+    # Layerwise, a block's layer and its head take slots 0 and 1; blocks share slots.
+    assert [c.layer.slot for c in calls] == ([0, 1, 0, 1, 0] if layerwise else [0] * 5)
     expected = expected_output_gradients(
-        exact, [c.u for c in calls], [c.layer.group for c in calls]
+        exact, [c.u for c in calls], [c.layer.group for c in calls], alone=layerwise
     )
     for call, reference in zip(calls, expected):
         torch.testing.assert_close(call.output_gradient, reference, rtol=1e-9, atol=1e-12)
