@@ -62,9 +62,9 @@ def group_of_parameters(
     if groups is None:
         return None
     index = {id(p): g for g, group in enumerate(groups) for p in group.params}
-    names = {id(p): name for name, p in model.named_parameters()}
-    missing = [names.get(id(p), "?") for p in params if id(p) not in index]
-    if missing:
+    if any(id(p) not in index for p in params):
+        names = {id(p): name for name, p in model.named_parameters()}
+        missing = [names.get(id(p), "?") for p in params if id(p) not in index]
         raise ConfigurationError(
             f"{type(model).__name__} declares loss groups, but the trainable parameter(s) "
             f"{', '.join(missing)} belong to none of them; add them to a block or freeze them."
