@@ -79,11 +79,13 @@ def group_coefficients(
 def write_group_grads(
     source: tg.TangentSource, coefficients: torch.Tensor, group_of: list[int]
 ) -> None:
-    """``.grad`` of parameter i ← Σ_k c_{k,g(i)} v_{k,i} (overwritten)."""
+    """``.grad`` of parameter i ← Σ_k c_{k,g(i)} v_{k,i} (overwritten), through the source's
+    ``accumulate`` (structured tangents keep their factors; K = 1 tangents drawn into
+    ``.grad`` are read before it is written)."""
     for i, p in enumerate(source.params):
-        v = source(i)
-        c = coefficients[:, group_of[i]].to(device=v.device, dtype=v.dtype)
-        write_grads([p], [torch.tensordot(c, v, dims=1)])
+        estimate = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        source.accumulate(i, estimate, coefficients[:, group_of[i]].tolist())
+        write_grads([p], [estimate])
 
 
 __all__ = ["group_coefficients", "grouped_estimate", "write_group_grads"]

@@ -327,9 +327,27 @@ def test_parameters_outside_every_block_and_guesses_without_blocks():
         fg.ForwardGradient(guess="local").estimate(model, lambda: F.cross_entropy(model(x), y))
     with pytest.raises(fg.ConfigurationError, match="leave tangents at 1"):
         fg.ForwardGradient(tangents=2, guess="local")
+    with pytest.raises(fg.ConfigurationError, match="leave rank unset"):
+        fg.ForwardGradient(guess="local", rank=2)
     with pytest.raises(fg.ConfigurationError, match="unknown guess"):
         fg.ForwardGradient(guess="global")
     guessing = fg.ForwardGradient(guess="local")
     guessing.reducer = Doubling()
     with pytest.raises(fg.ConfigurationError, match="does not run data-parallel"):
         guessing.estimate(wrapped(), lambda: local.losses(x, y))
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_structured_tangents_give_each_block_its_own_estimate_too(count):
+    local = wrapped()
+    x, y = data()
+    params = list(local.parameters())
+    fg.ForwardGradient(count, seed=4, rank=1).estimate(local, lambda: local.losses(x, y))
+    grads = [p.grad.clone() for p in params]
+    source = fg.ForwardGradient(count, seed=4, rank=1).source(params)
+    tangents = [source(i).clone() for i in range(len(params))]
+    d = fg.directional_derivatives(local, lambda: local.losses(x, y).mean(1), source, vector=True)
+    index = {id(p): g for g, group in enumerate(local.loss_groups()) for p in group.params}
+    for p, g, v in zip(params, grads, tangents):
+        expected = torch.tensordot(d.derivatives[:, index[id(p)]] / count, v, dims=1)
+        torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-12)
