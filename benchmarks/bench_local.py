@@ -30,7 +30,8 @@ from torch import nn
 
 import forwardgrad as fg
 from forwardgrad.estimators.tables import LossGroup
-from forwardgrad.experiments.datasets import load_dataset, normalize, pixel_stats
+from forwardgrad.experiments.batches import normalize, pixel_stats
+from forwardgrad.experiments.datasets import load_dataset
 
 HIDDEN, CLASSES = 1024, 10
 
