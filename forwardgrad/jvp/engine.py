@@ -34,6 +34,9 @@ from forwardgrad.jvp.stacked import TangentReused, Unsupported, stacked_derivati
 from forwardgrad.tangents.sources import TangentSource
 
 FAST, GENERAL = "fast", "general"
+# The first-use check compares this many tangents with the general path, which evaluates the
+# closure once per tangent: enough to catch what the fast path cannot see, at a bounded cost.
+CHECKED_TANGENTS = 2
 
 
 class FallbackWarning(UserWarning):
@@ -130,12 +133,18 @@ def _fast(model, closure, source, state, replay, vector) -> Directional:
     value = checks.check_value(value, vector)
     derivatives = _derivatives(value, tangent, source.count)
     if first and bool(torch.isfinite(derivatives).all()):
-        reference = _reference(model, closure, source, replay)
+        count = min(source.count, CHECKED_TANGENTS)
+        reference = _reference(model, closure, source, replay, count)
         checked = reference is not None and bool(torch.isfinite(reference).all())
         if checked:  # (non-finite numbers say nothing either way)
             state.verified.add(key)
-        if checked and not checks.agree(derivatives, reference):
-            _leave_fast_path(model, state, checks.disagreement(derivatives, reference))
+        if checked and not checks.agree(derivatives[:count], reference):
+            _leave_fast_path(model, state, checks.disagreement(derivatives[:count], reference))
+            if count < source.count:  # the general path's numbers for every tangent
+                replay.rewind()
+                value, tangent = general_derivatives(closure, source, replay)
+                value = checks.check_value(value, vector)
+                reference = _derivatives(value, tangent, source.count)
             return Directional(value, reference, GENERAL, state.general)
     return Directional(value, derivatives, FAST, None)
 
@@ -152,14 +161,14 @@ def _stacked(model, closure, source, state, replay, check_rules):
     return value, tangent
 
 
-def _reference(model, closure, source, replay) -> torch.Tensor | None:
-    """The general path's derivatives from the state the fast pass started in; the model is
-    left as after the fast pass (one forward)."""
+def _reference(model, closure, source, replay, count) -> torch.Tensor | None:
+    """The general path's derivatives along the first ``count`` tangents, from the state the
+    fast pass started in; the model is left as after the fast pass (one forward)."""
     after = Replay(model)
     replay.rewind()
     try:
-        value, tangent = general_derivatives(closure, source, replay)
-        reference = _derivatives(checks.as_tensor(value), tangent, source.count)
+        value, tangent = general_derivatives(closure, source, replay, count)
+        reference = _derivatives(checks.as_tensor(value), tangent, count)
     except Exception:  # the general path cannot run this closure: trust the fast one
         reference = None
     finally:

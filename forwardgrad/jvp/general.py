@@ -91,15 +91,19 @@ def dual_evaluation(
 
 
 def general_derivatives(
-    closure: Callable[[], object], source: TangentSource, replay: Replay
+    closure: Callable[[], object],
+    source: TangentSource,
+    replay: Replay,
+    count: int | None = None,
 ) -> tuple[object, torch.Tensor | None]:
     """The closure's value and the stacked tangents of its value, ``(K, *value.shape)``.
 
     Tangent k is evaluated after rewinding to ``replay``, so the K evaluations count as one
-    forward. The tangent is ``None`` when the value does not depend on the parameters.
+    forward (``count``: only the first ``count`` tangents). The tangent is ``None`` when the
+    value does not depend on the parameters.
     """
     value, tangents = None, []
-    for k in range(source.count):
+    for k in range(source.count if count is None else count):
         if k > 0:
             replay.rewind()
         value, tangent = dual_evaluation(closure, source, k)

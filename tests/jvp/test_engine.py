@@ -150,3 +150,24 @@ def test_a_vector_closure_must_return_a_vector():
         fg.directional_derivatives(model, lambda: model(torch.ones(4, 3)), source, vector=True)
     with pytest.raises(ValueError, match="must be a scalar"):
         fg.directional_derivatives(model, lambda: model(torch.ones(4, 3)).sum(1), source)
+
+
+def test_the_first_use_check_compares_two_tangents_and_falls_back_with_all_of_them():
+    class Scripted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+            self.activation = torch.jit.script(torch.nn.Tanh())
+
+        def forward(self, x):
+            return self.activation(self.linear(x))
+
+    torch.manual_seed(0)
+    model = Scripted()
+    x = torch.randn(4, 3)
+    source = tg.HeldTangents(list(model.parameters()), 5, "normal", seed=2)
+    with pytest.warns(fg.FallbackWarning):
+        result = fg.directional_derivatives(model, lambda: model(x).sum(), source)
+    reference = fg.directional_derivatives(model, lambda: model(x).sum(), source, fast=False)
+    assert result.path == "general" and result.derivatives.shape == (5,)
+    assert torch.allclose(result.derivatives, reference.derivatives)
