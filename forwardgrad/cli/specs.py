@@ -109,8 +109,11 @@ def parse_specs(text: str) -> list[EstimatorSpec]:
             _add_option(specs[-1], option.strip())
     if not specs:
         raise argparse.ArgumentTypeError(f"give at least one estimator spec, {SPEC_SYNTAX}")
-    unique = {str(EstimatorSpec(n, s)): EstimatorSpec(n, s) for n, s in specs}
-    return list(unique.values())
+    unique: list[EstimatorSpec] = []
+    for spec in (EstimatorSpec(name, settings) for name, settings in specs):
+        if spec not in unique:  # equal settings in any order are the same spec
+            unique.append(spec)
+    return unique
 
 
 def _add_option(spec: tuple[str, dict[str, Any]], option: str) -> None:
