@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from forwardgrad.bench.suite import PARTS, BenchConfig, bench_distributions, bench_models
 from forwardgrad.cli.flags import comma_separated
 from forwardgrad.errors import ConfigurationError
@@ -17,6 +19,16 @@ def _numbers(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise ConfigurationError(f"expected positive integers such as 1,4,16, got {text!r}.")
     return values
+
+
+def _ranks(text: str) -> tuple[int, ...]:
+    """``--tangent-rank``: comma-separated ranks of at least 1, e.g. 1 or 1,4."""
+    try:
+        return _numbers(text)
+    except ConfigurationError:
+        raise argparse.ArgumentTypeError(
+            f"ranks are comma-separated integers of at least 1 such as 1 or 1,4, got {text!r}"
+        ) from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -49,6 +61,12 @@ def add_arguments(parser) -> None:
         type=_names,
         help=f"of {','.join(bench_distributions())} (default: all)",
     )
+    parser.add_argument(
+        "--tangent-rank",
+        type=_ranks,
+        metavar="R[,R...]",
+        help="add forward-gradient and ForwardSGD contenders with structured tangents of rank R",
+    )
     parser.add_argument("--rounds", type=int, help="timed rounds per problem (default: 20)")
     parser.add_argument(
         "--budget", type=float, help="seconds per problem before fewer rounds (default: 300)"
@@ -70,6 +88,7 @@ def config_from_args(args) -> BenchConfig:
         "rounds": args.rounds,
         "budget_s": args.budget,
         "threads": args.threads,
+        "ranks": args.tangent_rank,
     }
     for name, value in overrides.items():
         if value is not None:

@@ -206,8 +206,7 @@ def run_steps(run: RunState, callbacks: Sequence[Callback], checkpoints: Checkpo
         callback.on_train_end(run)
     # The final row describes θ_steps: a fresh mini-batch's loss and a last evaluation.
     record = StepRecord(run.steps, run.row(run.steps))
-    with torch.no_grad():
-        record.values["train_loss"] = float(run.task.closure(run.model, run.task.next_batch())())
+    record.values["train_loss"] = run.task.train_loss(run.model, run.task.next_batch())
     for callback in callbacks:
         callback.on_final_row(run, record)
     return record
