@@ -140,20 +140,35 @@ def start_run(
     return run
 
 
+# What every checkpoint of a run holds (``callbacks.Checkpoints.save`` writes them).
+CHECKPOINT_KEYS = (
+    "step", "elapsed_s", "step_times_s", "peak_memory_bytes", "model", "optimizer", "estimator",
+    "data", "rng",
+)  # fmt: skip
+
+
 def _restore(run: RunState, loaded: ckpt.LoadedCheckpoint) -> None:
     state = loaded.state
-    run.start, run.elapsed = int(state["step"]), float(state["elapsed_s"])
-    run.step_times, run.peak_before = list(state["step_times_s"]), int(state["peak_memory_bytes"])
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{loaded.path} lacks {', '.join(missing)}; it is not a checkpoint of a forwardgrad "
+            "run. Delete it (or the run directory) to start over."
+        )
     try:
+        run.start, run.elapsed = int(state["step"]), float(state["elapsed_s"])
+        run.step_times = [float(value) for value in state["step_times_s"]]
+        run.peak_before = int(state["peak_memory_bytes"])
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as error:
+        run.estimator.load_state_dict(state["estimator"])
+        run.task.load_state_dict(state["data"])
+        ckpt.restore_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"{loaded.path} does not fit this run's model or optimizer ({error})."
+            f"{loaded.path} does not fit this run's model, optimizer or state ({reason})."
         ) from None
-    run.estimator.load_state_dict(state["estimator"])
-    run.task.load_state_dict(state["data"])
-    ckpt.restore_rng_state(state["rng"])
 
 
 def _warm_up(run: RunState) -> None:
