@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from forwardgrad.errors import ConfigurationError, ForwardGradError
-from forwardgrad.experiments.files import atomic_file, write_json
+from forwardgrad.experiments.files import atomic_file, open_for_append, write_json
 from forwardgrad.experiments.schema import CONFIG_FILE, format_cell
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class MetricsLog:
             writer = csv.writer(file)
             writer.writerow(self.columns)
             writer.writerows(kept)
-        self._file = open(path, "a", newline="")
+        self._file = open_for_append(path)
         self._writer = csv.writer(self._file)
 
     def _rows_before(self, step: int) -> list[list[str]]:
