@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import warnings
@@ -55,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _say(error, context, EXIT_DISTRIBUTED, every_rank=True)
         except ForwardGradError as error:
             return _say(error, context, EXIT_USAGE)
+        except OSError as error:  # the file system refused: a bad path, a full disk
+            return _file_system_error(error, context)
         finally:
             display.close()
 
@@ -66,6 +69,21 @@ def _say(
     if context.speaks or every_rank:
         print(f"{PROG}: {prefix}{error}", file=sys.stderr)
     return code
+
+
+# A path or permission problem is a bad argument (2); running out of space or a failing disk is
+# the run failing midway (1): whatever was written before is intact, so the run can continue.
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
+
+
+def _file_system_error(error: OSError, context: Context) -> int:
+    where = f"{error.filename}: " if error.filename else "the file system refused a write: "
+    message = f"{where}{error.strerror or error}"
+    if error.errno not in _OUT_OF_SPACE:
+        return _say(f"{message}; choose another path.", context, EXIT_USAGE)
+    resume = context.resume_hint
+    advice = f"; free some space, then continue with: {resume}" if resume else "; free some space."
+    return _say(f"{message}{advice}", context, EXIT_DIVERGED)
 
 
 def _interrupted(stop: TrainingInterrupted, context: Context) -> int:

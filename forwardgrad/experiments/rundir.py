@@ -47,6 +47,18 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Make a new run directory, or check that the one to resume is a run directory."""
+    try:
+        _prepare_run_dir(run_dir, resume)
+    except OSError as error:
+        if isinstance(error, NotARunDirectory):
+            raise
+        raise NotARunDirectory(
+            f"cannot use {run_dir} as a run directory: {error.strerror or error}; choose "
+            "another directory."
+        ) from None
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
             raise NotARunDirectory(
@@ -132,7 +144,9 @@ class MetricsLog:
             rows = list(csv.reader(file))
         if not rows or rows[0] != self.columns:
             return []
-        return [row for row in rows[1:] if row and int(row[0]) < step]
+        # A row cut short by a full disk has fewer cells; it is dropped like the rows after it.
+        width = len(self.columns)
+        return [row for row in rows[1:] if len(row) == width and int(row[0]) < step]
 
     def write(self, values: dict[str, Any]) -> None:
         self._writer.writerow([format_cell(values.get(column)) for column in self.columns])
