@@ -97,7 +97,7 @@ def _train(
             command=command,
             world=context.world,
         )
-    except OSError:  # os.path.isfile is False where the path itself is unusable
+    except (OSError, KeyboardInterrupt):  # os.path.isfile is False for an unusable path
         if not os.path.isfile(run_dir / "config.json"):  # nothing to resume: rerun the command
             context.resume_hint = shlex.join(context.argv)
         raise

@@ -283,12 +283,18 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+def raise_for_signal(signum: int, frame=None) -> None:
+    """A signal handler: KeyboardInterrupt for SIGINT, ``callbacks.Terminated`` for SIGTERM."""
+    raise cb.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[list[int]]:
     """SIGINT and SIGTERM only set a flag, so the loop stops between steps, after a checkpoint.
 
-    A second signal stops at once (KeyboardInterrupt), for a user who does not want to wait.
-    Outside the main thread signals cannot be caught; the flag then never rises.
+    A second signal stops at once (KeyboardInterrupt, or ``callbacks.Terminated`` for SIGTERM),
+    for a user who does not want to wait. Outside the main thread signals cannot be caught; the
+    flag then never rises.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -297,7 +303,7 @@ def deferred_signals() -> Iterator[list[int]]:
 
     def handler(signum, frame):
         if received:
-            raise KeyboardInterrupt
+            raise_for_signal(signum)
         received.append(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
