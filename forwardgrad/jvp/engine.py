@@ -150,14 +150,15 @@ def _fast(model, closure, source, state, replay, vector) -> Directional:
 
 
 def _stacked(model, closure, source, state, replay, check_rules):
+    buffers = list(model.buffers()) if check_rules else ()
     if not state.keeps_relu_inputs:
         try:
-            value, tangent, _ = stacked_derivatives(closure, source, True, check_rules)
+            value, tangent, _ = stacked_derivatives(closure, source, True, check_rules, buffers)
             return value, tangent
         except TangentReused:
             state.keeps_relu_inputs = True
             _reset(source, replay)
-    value, tangent, _ = stacked_derivatives(closure, source, False, check_rules)
+    value, tangent, _ = stacked_derivatives(closure, source, False, check_rules, buffers)
     return value, tangent
 
 
