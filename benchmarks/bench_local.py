@@ -62,6 +62,20 @@ METHODS = {
         (3e-6, 1e-5, 3e-5),
         "end-to-end",
     ),
+    "forward-rademacher": Method(
+        False,
+        lambda s: fg.ForwardGradient(seed=s, distribution="rademacher"),
+        "mean",
+        (3e-6, 1e-5, 3e-5),
+        "end-to-end",
+    ),
+    "forward-rank1-rademacher": Method(
+        False,
+        lambda s: fg.ForwardGradient(seed=s, distribution="rademacher", rank=1),
+        "mean",
+        (3e-6, 1e-5, 3e-5),
+        "end-to-end",
+    ),
     "activity": Method(
         False,
         lambda s: fg.ActivityPerturbation(seed=s),
