@@ -6,14 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import forwardgrad as fg
 from forwardgrad import tangents as tg
 from forwardgrad.experiments.memory import reset_high_water_mark
-from forwardgrad.jvp.general import general_derivatives
+from forwardgrad.jvp.general import BLOCK_VALUES, general_derivatives
 from forwardgrad.jvp.replay import Replay
 
 
@@ -55,6 +57,28 @@ def test_blocks_give_the_whole_layers_numbers(kind, shape):
     assert torch.allclose(blocked_value, value, rtol=1e-5, atol=1e-6)
     scale = float(tangent.abs().max())
     assert torch.allclose(blocked_tangent, tangent, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("rank", [None, 1])
+def test_the_check_by_blocks_still_catches_code_the_fast_path_cannot_see(rank):
+    class Scripted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = nn.Linear(600, 500), nn.Linear(500, 3)
+            self.activation = torch.jit.script(nn.Tanh())
+
+        def forward(self, x):
+            return self.second(self.activation(self.first(x)))
+
+    torch.manual_seed(0)
+    model, x = Scripted(), torch.randn(80, 600)
+    assert x.shape[0] * 500 > BLOCK_VALUES  # the first layer runs by blocks in the check
+    optimizer = fg.ForwardSGD(model, 1e-3, seed=0, rank=rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer.step(lambda: model(x).pow(2).mean())
+    assert any(issubclass(w.category, fg.FallbackWarning) for w in caught)
+    assert optimizer.last_path == "general"
 
 
 _PROBE = """
