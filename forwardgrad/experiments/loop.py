@@ -219,8 +219,7 @@ def _final_row(run: RunState, callbacks: Sequence[Callback]) -> StepRecord:
     for callback in callbacks:
         callback.on_train_end(run)
     record = StepRecord(run.steps, run.row(run.steps))
-    with torch.no_grad():
-        record.values["train_loss"] = float(run.task.closure(run.model, run.task.next_batch())())
+    record.values["train_loss"] = run.task.train_loss(run.model, run.task.next_batch())
     for callback in callbacks:
         callback.on_final_row(run, record)
     return record

@@ -54,10 +54,16 @@ def sections(runs: list[Run]) -> list[Section]:
 
 
 def reference_run(runs: Sequence[Run], estimator: str) -> Run | None:
-    """The run of that estimator to compare against: single-tangent first, as in the paper."""
+    """The run of that estimator to compare against: single-tangent first, as in the paper,
+    and among those the plain one (dense tangents, no local losses or guesses)."""
     candidates = [run for run in runs if run.estimator == estimator]
     single = [run for run in candidates if int(run.config.get("tangents") or 1) == 1]
-    return (single or candidates or [None])[0]
+    plain = [run for run in single if not any(run.config.get(k) for k in _REFINEMENTS)]
+    return (plain or single or candidates or [None])[0]
+
+
+# Settings that make a run other than the paper's estimator (structured tangents, local losses).
+_REFINEMENTS = ("tangent_rank", "local_losses", "guess")
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -239,4 +245,11 @@ def settings_line(runs: Sequence[Run]) -> str:
         values = {json.dumps(run.config.get(key)) for run in runs}
         if len(values) == 1 and runs[0].config.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {markdown.text(runs[0].config[key])}")
-    return "Settings: " + (", ".join(parts) if parts else "not recorded") + "."
+    line = "Settings: " + (", ".join(parts) if parts else "not recorded") + "."
+    if any(run.config.get("local_losses") for run in runs):
+        line += (
+            " Runs with local losses log as train loss the sum of their blocks' local losses "
+            "(with local guesses, the model's own loss); test loss and accuracy are the "
+            "model's own."
+        )
+    return line
