@@ -9,6 +9,8 @@ import itertools
 import tempfile
 from pathlib import Path
 
+import pytest
+from helpers import install_tiny_dataset
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -26,8 +28,13 @@ _SMALL = st.one_of(st.integers(1, 4).map(str), st.integers(-5, 0).map(str), _ANY
     lambda text: not text.strip().lstrip("+").isdigit() or int(text) > 10**12
 ))  # fmt: skip
 _FLAGS = {
-    "--problem": st.one_of(st.sampled_from(["beale", "rosenbrock"]), _ANY),
-    "--estimator": st.one_of(st.sampled_from(["forward", "zeroth-order", "backprop"]), _ANY),
+    "--problem": st.one_of(st.sampled_from(["beale", "rosenbrock", "logreg", "mlp"]), _ANY),
+    "--dataset": st.one_of(st.just("tiny"), _ANY),
+    "--estimator": st.one_of(
+        st.sampled_from(["forward", "zeroth-order", "backprop", "activity"]), _ANY
+    ),
+    "--tangent-rank": _SMALL,
+    "--guess": st.one_of(st.just("local"), _ANY),
     "--steps": _SMALL,
     "--tangents": _SMALL,
     "--dim": _SMALL,
@@ -46,16 +53,27 @@ _FLAGS = {
     "--constraint": _ANY,
     "--epochs": _NUMBERS,
 }
+_SWITCHES = ["--local-losses", "--no-averaging"]
 _RUNS = itertools.count()
 
 
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    """The learnable 96 + 40-example "tiny" data set, so image problems can run too."""
+    return install_tiny_dataset(monkeypatch, tmp_path / "data", 96, 40)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
-@given(flags=st.dictionaries(st.sampled_from(sorted(_FLAGS)), st.none(), max_size=6).flatmap(
-    lambda chosen: st.fixed_dictionaries({flag: _FLAGS[flag] for flag in chosen})
-))  # fmt: skip
-def test_any_train_flags_end_in_a_documented_code_without_a_traceback(flags):
+@given(
+    flags=st.dictionaries(st.sampled_from(sorted(_FLAGS)), st.none(), max_size=6).flatmap(
+        lambda chosen: st.fixed_dictionaries({flag: _FLAGS[flag] for flag in chosen})
+    ),
+    switches=st.lists(st.sampled_from(_SWITCHES), unique=True),
+)
+def test_any_train_flags_end_in_a_documented_code_without_a_traceback(tiny_data, flags, switches):
     # Defaults that a fuzzed flag given later overrides; no data set is ever downloaded.
     argv = ["train", "--quiet", "--no-download", "--problem", "beale", "--steps", "2"]
+    argv += ["--dataset", "tiny", "--batch-size", "16", *switches]
     for flag, value in flags.items():
         argv += [f"{flag}={value}"]
     with tempfile.TemporaryDirectory() as directory:
