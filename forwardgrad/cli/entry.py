@@ -119,14 +119,15 @@ def _say(
 
 # A path or permission problem is a bad argument (2); running out of space or a failing disk is
 # the run failing midway (1): whatever was written before is intact, so the run can continue.
-_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EIO}
 
 
 def _file_system_error(error: OSError, context: Context) -> int:
     where = f"{error.filename}: " if error.filename else "the file system refused a write: "
     message = f"{where}{error.strerror or error}"
     if error.errno not in _OUT_OF_SPACE:
-        return _say(f"{message}; choose another path.", context, EXIT_USAGE)
+        advice = "; choose another path." if error.filename else "."
+        return _say(f"{message}{advice}", context, EXIT_USAGE)
     resume = context.resume_hint
     advice = f"; free some space, then continue with: {resume}" if resume else "; free some space."
     return _say(f"{message}{advice}", context, EXIT_DIVERGED)
