@@ -33,8 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     and SIGTERM end the command with 130 or 143 and one line (the training loop defers them to
     the end of a step, to checkpoint first).
     """
+    whole_process = argv is None  # not a call from Python code, which gets its handlers back
     argv = list(sys.argv[1:] if argv is None else argv)
-    with _signals_stop_the_command():
+    with _signals_stop_the_command(whole_process):
         try:
             return _main(argv)
         except KeyboardInterrupt as interrupt:  # while parsing, before anything ran
@@ -75,18 +76,24 @@ def _main(argv: list[str]) -> int:
 
 
 @contextlib.contextmanager
-def _signals_stop_the_command() -> Iterator[None]:
+def _signals_stop_the_command(whole_process: bool) -> Iterator[None]:
     """SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` (instead of killing the process
-    silently), until the command ends; only the main thread can catch signals."""
+    silently), until the command ends; only the main thread can catch signals.
+
+    When the command is the whole process, SIGINT and SIGTERM are then ignored, so the process
+    ends with the code the command chose even if one arrives while Python shuts down (torchrun
+    sends SIGTERM to the other ranks as soon as one fails, which would turn their 3 into -15).
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, raise_for_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, raise_for_signal) for number in numbers}
     try:
         yield
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if whole_process else handler)
 
 
 def _stopped(interrupt: KeyboardInterrupt, context: Context | None) -> int:
@@ -112,14 +119,15 @@ def _say(
 
 # A path or permission problem is a bad argument (2); running out of space or a failing disk is
 # the run failing midway (1): whatever was written before is intact, so the run can continue.
-_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO}
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EIO}
 
 
 def _file_system_error(error: OSError, context: Context) -> int:
     where = f"{error.filename}: " if error.filename else "the file system refused a write: "
     message = f"{where}{error.strerror or error}"
     if error.errno not in _OUT_OF_SPACE:
-        return _say(f"{message}; choose another path.", context, EXIT_USAGE)
+        advice = "; choose another path." if error.filename else "."
+        return _say(f"{message}{advice}", context, EXIT_USAGE)
     resume = context.resume_hint
     advice = f"; free some space, then continue with: {resume}" if resume else "; free some space."
     return _say(f"{message}{advice}", context, EXIT_DIVERGED)

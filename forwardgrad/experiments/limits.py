@@ -8,10 +8,12 @@ import math
 import os
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from forwardgrad.errors import ConfigurationError
-from forwardgrad.experiments.datasets import DATASETS
+from forwardgrad.experiments.datasets import DATASETS, IMAGE_SIZE
+from forwardgrad.tangents.structured import is_structured, matrix_shape
 
 if TYPE_CHECKING:
     from forwardgrad.experiments.config import TrainConfig
@@ -22,6 +24,7 @@ MAX_STEPS = 10**12  # over 11 days at a microsecond a step
 # not this machine's core count so that a run stays resumable on a smaller machine.
 MAX_THREADS = 1024
 BYTES_PER_NUMBER = 4  # float32 parameters and tangents
+_PERTURBED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # the layers activity perturbation uses
 
 
 def check_limits(config: TrainConfig) -> None:
@@ -60,11 +63,21 @@ def check_tangent_memory(config: TrainConfig, model: nn.Module) -> None:
     """Refuse ``tangents`` whose K copies of the parameters cannot fit in the memory available.
 
     A forward-gradient or zeroth-order step holds its K tangents at once, each the size of the
-    parameters: K·P numbers. That alone is a lower bound on what the step needs.
+    parameters (with ``tangent_rank`` r, a matrix's tangent is its r·(m + n) factors), or for
+    activity perturbation the size of the perturbed layers' outputs for the whole batch: that
+    alone is a lower bound on what the step needs. Local guesses take their directions from
+    local losses, not from K tangents, so they are not bounded here.
     """
+    if config.guess is not None:
+        return
     parameters = sum(p.numel() for p in model.parameters())
-    copies = 3 if config.estimator == "backprop" else config.tangents + 2  # + parameters, grad
-    needed = copies * parameters * BYTES_PER_NUMBER
+    if config.estimator == "backprop":
+        per_tangent, copies = 0, 3  # parameters, gradient, optimizer state
+    elif config.estimator == "activity":
+        per_tangent, copies = config.batch_size * _activation_numbers(model), 2
+    else:
+        per_tangent, copies = _tangent_numbers(model, config.tangent_rank), 2
+    needed = (config.tangents * per_tangent + copies * parameters) * BYTES_PER_NUMBER
     available = available_memory_bytes()
     if available is None or needed <= available:
         return
@@ -73,12 +86,36 @@ def check_tangent_memory(config: TrainConfig, model: nn.Module) -> None:
             f"the model's {parameters:,} parameters need about {needed / 2**30:.3g} GiB, more "
             f"than the {available / 2**30:.3g} GiB of memory available; choose a smaller problem."
         )
-    fit = max(0, available // (parameters * BYTES_PER_NUMBER) - 2)
+    fit = max(0, (available // BYTES_PER_NUMBER - copies * parameters) // per_tangent)
     raise ConfigurationError(
         f"tangents {config.tangents} needs about {needed / 2**30:.3g} GiB ({config.tangents:,} "
-        f"copies of the model's {parameters:,} parameters), more than the "
-        f"{available / 2**30:.3g} GiB of memory available; choose at most {fit:,} tangents."
+        f"tangents of {per_tangent:,} numbers each, for the model's {parameters:,} parameters), "
+        f"more than the {available / 2**30:.3g} GiB of memory available; choose at most "
+        f"{fit:,} tangents."
     )
+
+
+def _activation_numbers(model: nn.Module) -> int:
+    """Outputs of the layers activity perturbation perturbs, for one example (the model on the
+    meta device, run on a meta image: shapes only)."""
+    layers = [m for m in model.modules() if isinstance(m, _PERTURBED) and list(m.parameters())]
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda m, i, out: sizes.append(out.numel())) for m in layers]
+    try:
+        model(torch.empty(1, 1, IMAGE_SIZE, IMAGE_SIZE, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(sizes)
+
+
+def _tangent_numbers(model: nn.Module, rank: int | None) -> int:
+    """Numbers one tangent holds: every parameter's, or a structured matrix's r·(m + n)."""
+    total = 0
+    for p in model.parameters():
+        rows, columns = matrix_shape(p)
+        total += rank * (rows + columns) if is_structured(p, rank) else p.numel()
+    return total
 
 
 def available_memory_bytes() -> int | None:

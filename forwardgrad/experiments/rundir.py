@@ -18,7 +18,7 @@ import torch
 
 from forwardgrad.errors import ConfigurationError, ForwardGradError
 from forwardgrad.experiments.files import atomic_file, open_for_append, write_json
-from forwardgrad.experiments.schema import CONFIG_FILE, format_cell
+from forwardgrad.experiments.schema import CHECKPOINT_DIR, CONFIG_FILE, format_cell
 
 if TYPE_CHECKING:
     from forwardgrad.experiments.config import TrainConfig
@@ -64,6 +64,11 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
             raise NotARunDirectory(
                 f"cannot resume {run_dir}: it has no config.json; pass the directory of an "
                 "earlier run (its --out)."
+            )
+        if (run_dir / CHECKPOINT_DIR).is_symlink():  # checkpoints are written and deleted there
+            raise NotARunDirectory(
+                f"cannot resume {run_dir}: its {CHECKPOINT_DIR} is a symlink, and a run writes "
+                "only inside its own directory; replace the link with the folder it points to."
             )
         return
     if run_dir.exists() and not run_dir.is_dir():

@@ -157,6 +157,8 @@ def _restore(run: RunState, loaded: ckpt.LoadedCheckpoint) -> None:
         )
     try:
         run.start, run.elapsed = int(state["step"]), float(state["elapsed_s"])
+        if run.start < 0:
+            raise ValueError(f"step {run.start} is negative")
         run.step_times = [float(value) for value in state["step_times_s"]]
         run.peak_before = int(state["peak_memory_bytes"])
         run.model.load_state_dict(state["model"])

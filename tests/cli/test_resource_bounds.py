@@ -7,7 +7,8 @@ import pytest
 from helpers import install_tiny_dataset
 
 from forwardgrad.cli import main
-from forwardgrad.experiments import limits
+from forwardgrad.errors import ConfigurationError
+from forwardgrad.experiments import TrainConfig, limits
 
 TINY = ["train", "--problem", "logreg", "--dataset", "tiny", "--quiet"]
 TOO_MUCH = {
@@ -56,3 +57,16 @@ def test_the_largest_seed_trains(tmp_path, capsys):
         str(limits.MAX_SEED),
     ]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+
+
+def test_the_memory_bound_counts_what_the_tangents_hold(tiny_data, monkeypatch):
+    """Dense tangents are copies of the parameters; rank-2 ones are factors (an MLP's are 157
+    times smaller); activity perturbation's are the perturbed layers' outputs for the batch."""
+    monkeypatch.setattr(limits, "available_memory_bytes", lambda: 2**30)
+    mlp = dict(problem="mlp", dataset="tiny", batch_size=16, steps=1)
+    with pytest.raises(ConfigurationError, match="tangents 200 needs about 1.4 GiB"):
+        TrainConfig(**mlp, tangents=200).validate()
+    TrainConfig(**mlp, tangents=200, tangent_rank=2).validate()
+    with pytest.raises(ConfigurationError, match="10,000 tangents of 32,928 numbers each"):
+        TrainConfig(**mlp, estimator="activity", tangents=10_000).validate()
+    TrainConfig(**mlp, estimator="activity", tangents=1_000).validate()

@@ -65,3 +65,16 @@ def test_plot_leaves_files_behind_symlinks_in_the_run_directory_untouched(tmp_pa
         assert not png.is_symlink() and png.read_bytes().startswith(b"\x89PNG")
     assert not (run_dir / "report.md").is_symlink()
     assert Path(run_dir / "report.md").read_text().startswith("# ")
+
+
+def test_resume_refuses_a_checkpoint_folder_that_links_elsewhere(tmp_path, capsys):
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    argv = ["train", "--problem", "beale", "--steps", "5", "--quiet", "--out", str(run_dir)]
+    assert main(argv) == 0
+    (run_dir / "checkpoints").rename(elsewhere)
+    (run_dir / "checkpoints").symlink_to(elsewhere)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--steps", "9", "--quiet"]) == 2
+    assert "checkpoints is a symlink" in capsys.readouterr().err
+    assert sorted(p.name for p in elsewhere.iterdir()) == before

@@ -96,3 +96,30 @@ def test_a_checkpoint_with_missing_keys_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and "lacks step" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("step", -3),
+        ("step", "three"),
+        ("step_times_s", {"a": 1}),
+        ("model", {"x": torch.ones(5)}),
+        ("estimator", "seed"),
+        ("rng", {"torch": torch.ones(2)}),
+        ("rng", []),
+    ],
+)
+def test_a_checkpoint_with_values_of_the_wrong_kind_is_a_one_line_error(
+    key, value, tmp_path, capsys
+):
+    run_dir = _finished_run(tmp_path, capsys)
+    newest = list_checkpoints(run_dir / "checkpoints")[0][1]
+    state = read_checkpoint(newest)
+    state[key] = value
+    save_checkpoint(run_dir / "checkpoints", state, step=9)
+
+    code = main(["train", "--resume", str(run_dir), "--steps", "12", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "does not fit this run" in err and "Traceback" not in err
