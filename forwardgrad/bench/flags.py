@@ -43,6 +43,13 @@ def add_arguments(parser) -> None:
         help="smoke test (about a minute): logreg and mlp at batch 64, K=1,4, 5 rounds, small "
         "memory probes",
     )
+    parser.add_argument(
+        "--zoo",
+        action="store_true",
+        help="measure the model zoo instead: per real architecture, exactness against autograd, "
+        "the path taken and the K=1 dense and rank-1 step ratios to backprop (--models names zoo "
+        "cases; --rounds default 7); writes zoo.md",
+    )
     parser.add_argument("--out", default="bench", help="directory for bench.json and bench.md")
     parser.add_argument(
         "--models", type=_names, help=f"of {','.join(bench_models())} (default: all)"

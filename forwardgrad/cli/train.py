@@ -4,6 +4,7 @@ rank of a data-parallel job under torchrun."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from pathlib import Path
 
@@ -86,15 +87,20 @@ def _train(
     command: list[str] | None = None,
 ) -> TrainResult:
     context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
-    return train(
-        config,
-        run_dir,
-        context.display,
-        resume=resume,
-        download=context.download,
-        command=command,
-        world=context.world,
-    )
+    try:
+        return train(
+            config,
+            run_dir,
+            context.display,
+            resume=resume,
+            download=context.download,
+            command=command,
+            world=context.world,
+        )
+    except (OSError, KeyboardInterrupt):  # os.path.isfile is False for an unusable path
+        if not os.path.isfile(run_dir / "config.json"):  # nothing to resume: rerun the command
+            context.resume_hint = shlex.join(context.argv)
+        raise
 
 
 def _run_dir(args: argparse.Namespace, config: TrainConfig, context: Context) -> tuple[Path, bool]:

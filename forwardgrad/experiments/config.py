@@ -20,6 +20,7 @@ from forwardgrad.experiments.checks import (
     check_number,
 )
 from forwardgrad.experiments.datasets import DATASETS
+from forwardgrad.experiments.limits import check_limits, check_tangent_memory
 from forwardgrad.experiments.methods import (
     RUN_ESTIMATORS,
     check_method,
@@ -150,11 +151,14 @@ class TrainConfig:
         self._check_numbers()
         self._check_budget()
         check_method(self)
+        check_limits(self)
         build_estimator(self, seed=0)
         if self.is_test_function:
             make_test_function(self.problem, self.dim)
+        model = self._meta_model()
+        check_tangent_memory(self, model)
         if self.constraint is not None:
-            self._check_constraint_fits()
+            check_constraint_fits(self.constraint, model)
         return self
 
     def _check_names(self) -> None:
@@ -215,18 +219,16 @@ class TrainConfig:
             )
         check_frank_wolfe_step_size(self.lr, self.lr_decay)
 
-    def _check_constraint_fits(self) -> None:
-        # Parameter shapes alone decide whether the set fits: build the model on the meta
-        # device (no memory, no RNG), so a comparison fails before its first run, not later.
+    def _meta_model(self) -> torch.nn.Module:
+        # Parameter shapes alone decide whether a constraint set fits and how much memory the
+        # tangents take: the model on the meta device (no memory, no RNG), so a comparison
+        # fails before its first run, not later.
         with torch.device("meta"):
             if self.is_test_function:
-                model = TestFunctionModel(make_test_function(self.problem, self.dim))
-            else:
-                classes = DATASETS[self.dataset].num_classes
-                model = make_model(self.problem, classes)
-                if self.local_losses:
-                    model = with_local_losses(self.problem, model, classes)
-        check_constraint_fits(self.constraint, model)
+                return TestFunctionModel(make_test_function(self.problem, self.dim))
+            classes = DATASETS[self.dataset].num_classes
+            model = make_model(self.problem, classes)
+            return with_local_losses(self.problem, model, classes) if self.local_losses else model
 
 
 def build_estimator(config: TrainConfig, seed: int) -> Estimator:

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from forwardgrad.experiments.paper import CLAIMS, FRANK_WOLFE_CLAIM, OWN_LR, SAME_LR, Claim
+from forwardgrad.reporting import markdown
 from forwardgrad.reporting.runs import Run, format_number
 from forwardgrad.reporting.tables import Section, final_exact_gap, ratio, reference_run
 from forwardgrad.reporting.thresholds import time_to_threshold
@@ -90,7 +91,7 @@ def claim_lines(problem: str, section: Section, backprop: Run | None) -> list[st
         rows.append((claim.quantity, claim.source, ours))
     if not rows:
         return []
-    which = f"forward = {pair.forward.label}" if pair.forward else "no forward run"
+    which = f"forward = {markdown.text(pair.forward.label)}" if pair.forward else "no forward run"
     lines = [
         f"Paper's claims beside ours ({which}; ratios of our own measurements in this section):",
         "",
@@ -131,7 +132,7 @@ def frank_wolfe_claim_lines(section: Section, claim: Claim = FRANK_WOLFE_CLAIM) 
         return []
     ours = f"averaged: {_at_end(averaged)}; raw: {_at_end(raw)}"
     if backprop:
-        ours += f"; backprop ({backprop.label}): {_at_end(backprop)}"
+        ours += f"; backprop ({markdown.text(backprop.label)}): {_at_end(backprop)}"
     return [
         "Paper's claim beside ours (at the end of each run):",
         "",

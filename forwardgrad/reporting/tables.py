@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from forwardgrad.reporting import markdown
 from forwardgrad.reporting.runs import Run, format_number, last_finite
 from forwardgrad.reporting.thresholds import SMOOTHING_ROWS, loss_threshold, time_to_threshold
 
@@ -91,7 +92,11 @@ def format_memory(run: Run) -> str:
 
 def memory_note(runs: Sequence[Run]) -> list[str]:
     """How peak memory was measured, said once under the table (the method names are long)."""
-    methods = {run.label: run.peak_memory[1] for run in runs if run.peak_memory[1]}
+    methods = {
+        markdown.text(run.label): markdown.text(run.peak_memory[1])
+        for run in runs
+        if run.peak_memory[1]
+    }
     if not methods:
         return []
     if len(set(methods.values())) == 1:
@@ -128,7 +133,7 @@ def table(section: Section, backprop: Run | None, comparison: bool = True) -> li
         if distributed:
             sent = run.bytes_communicated_per_step
             cells.append("n/a" if sent is None else f"{int(sent):,}")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(markdown.text(cell) for cell in cells) + " |")
     return lines + [""] + memory_note(runs)
 
 
@@ -194,7 +199,7 @@ def frank_wolfe_lines(section: Section) -> list[str]:
         per_step = run.metrics["fw_gap"]
         per_step = per_step[np.isfinite(per_step)][-SMOOTHING_ROWS:]
         cells = [
-            run.label,
+            markdown.text(run.label),
             format_number(exact[0] if len(exact) else math.nan),
             format_number(exact.min() if len(exact) else math.nan),
             format_number(final_exact_gap(run)),
@@ -215,7 +220,7 @@ def machine_line(runs: Sequence[Run]) -> str:
         f"torch {versions['torch']}" if versions.get("torch") else None,
         f"{config['threads']} threads" if config.get("threads") else None,
     ]
-    parts = [str(p) for p in parts if p]
+    parts = [markdown.text(p) for p in parts if p]
     return TIMING_NOTE.format(machine=f" ({', '.join(parts)})" if parts else "")
 
 
@@ -239,7 +244,7 @@ def settings_line(runs: Sequence[Run]) -> str:
             continue  # a data set's model has no dim, whatever config.json says
         values = {json.dumps(run.config.get(key)) for run in runs}
         if len(values) == 1 and runs[0].config.get(key) is not None:
-            parts.append(f"{key.replace('_', ' ')} {runs[0].config[key]}")
+            parts.append(f"{key.replace('_', ' ')} {markdown.text(runs[0].config[key])}")
     line = "Settings: " + (", ".join(parts) if parts else "not recorded") + "."
     if any(run.config.get("local_losses") for run in runs):
         line += (
