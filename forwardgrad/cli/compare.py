@@ -129,6 +129,10 @@ def _reproduce_plan(args: argparse.Namespace, out: Path) -> list[Planned]:
             if experiment.sweep_candidates and not args.no_sweep:
                 own = run_dir.with_name(run_dir.name + "-own-lr")
                 plan.append(Planned(config, own, experiment.sweep_candidates, sweep_steps))
+        for config in _companion_runs(experiment, base, args.estimators):
+            run_dir = out / experiment.name / run_directory_name(config)
+            if all(planned.run_dir != run_dir for planned in plan):  # not asked for already
+                plan.append(Planned(config, run_dir))
     return plan
 
 
@@ -153,6 +157,16 @@ def _experiment_runs(experiment, base: TrainConfig, specs) -> list[TrainConfig]:
             for run in experiment.run_settings(names)
         ]
     runs = [for_estimator(base, spec.name, spec.settings) for spec in specs]
+    return [config for config in runs if applies(config)]
+
+
+def _companion_runs(experiment, base: TrainConfig, specs) -> list[TrainConfig]:
+    """The experiment's companion runs (at the paper's lr) of the estimators named."""
+    names = [spec.name for spec in specs]
+    runs = [
+        for_estimator(base, run["estimator"], {k: v for k, v in run.items() if k != "estimator"})
+        for run in experiment.companion_settings(names)
+    ]
     return [config for config in runs if applies(config)]
 
 

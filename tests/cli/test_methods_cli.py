@@ -5,6 +5,7 @@ resume keeps the settings; compare and reproduce put specs side by side."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from helpers import final_params, install_tiny_dataset
 from forwardgrad.cli import main
 from forwardgrad.cli.commands import build_parser
 from forwardgrad.cli.compare import _reproduce_plan
+from forwardgrad.experiments import paper
 
 TINY = ["--dataset", "tiny", "--batch-size", "16", "--threads", "1", "--quiet"]
 MLP = ["--problem", "mlp", *TINY, "--lr", "1e-4", "--eval-every", "2"]
@@ -156,3 +158,40 @@ def test_reproduce_plans_specs_where_they_can_run(tmp_path):
     assert "forward-k-1-normal-mean-rank-1" in by_problem["logreg"]  # no blocks: no local losses
     assert "activity-k-1-normal-local-losses" in by_problem["mlp"]
     assert "backprop-local-losses" in by_problem["mlp"] and "backprop" in by_problem["logreg"]
+
+
+def test_reproduce_runs_rank_1_beside_dense_forward_at_the_paper_lr(tmp_path):
+    def plan(*argv):
+        args = build_parser().parse_args(["reproduce", "--problems", "beale,logreg,mlp", *argv])
+        found: dict[str, list] = {}
+        for planned in _reproduce_plan(args, tmp_path):
+            found.setdefault(planned.config.problem, []).append(planned)
+        return found
+
+    default = plan()
+    assert not any(p.config.tangent_rank for p in default["beale"])
+    for problem in ("logreg", "mlp"):
+        dense, rank_1 = [
+            next(p for p in default[problem] if p.run_dir.name == name)
+            for name in ("forward-k-1-normal-mean", "forward-k-1-normal-mean-rank-1")
+        ]
+        assert rank_1.candidates is None  # at the paper's lr only, no sweep
+        assert rank_1.config.lr == dense.config.lr and rank_1.config.seed == dense.config.seed
+        assert rank_1.config == replace(dense.config, tangent_rank=1)
+    assert not any(p.config.tangent_rank for p in plan("--estimators", "backprop")["mlp"])
+    ranked = [p.run_dir.name for p in plan("--tangent-rank", "1", "--no-sweep")["mlp"]]
+    assert ranked.count("forward-k-1-normal-mean-rank-1") == 1
+
+
+def test_the_reproduction_report_sets_rank_1_beside_dense(tiny_data, tmp_path, capsys, monkeypatch):
+    tiny = {"steps": 4, "eval_every": 2, "log_every": 1}
+    logreg = paper.Experiment("logreg", tiny, {}, (), companions=paper.RANK_1_FORWARD)
+    monkeypatch.setattr(paper, "EXPERIMENTS", (logreg,))
+    out = tmp_path / "repro"
+    argv = ["reproduce", "--dataset", "tiny", "--estimators", "forward,backprop", "--threads", "1"]
+    code, _, err = run([*argv, "--quiet", "--out", out], capsys)
+    assert code == 0, err
+    report = (out / "logreg" / "report.md").read_text()
+    assert "| forward (K=1, normal, mean) |" in report
+    assert "| forward (K=1, normal, mean, rank 1) |" in report
+    assert "forward = forward (K=1, normal, mean);" in report  # claims use the dense run

@@ -18,6 +18,7 @@ from forwardgrad.experiments.labels import run_label
 from forwardgrad.experiments.methods import (
     applies,
     for_estimator,
+    logged_loss,
     loss_kind,
     make_closure,
     with_local_losses,
@@ -180,3 +181,27 @@ def test_a_tiny_mlp_trains_with_each_setting_and_resumes_exactly(tiny, tmp_path,
         [r["train_loss"] for r in read_metrics(tmp_path / d)] for d in ("straight", "resumed")
     ]
     assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"estimator": "activity"},
+        {"local_losses": True},
+        {"local_losses": True, "guess": "local"},
+        {"local_losses": True, "estimator": "backprop"},
+    ],
+)
+def test_the_final_row_logs_the_loss_the_estimator_returns(changes):
+    config = TrainConfig(problem="mlp", **changes).validate()
+    torch.manual_seed(0)
+    model = with_local_losses("mlp", make_model("mlp"), 10) if config.local_losses else None
+    model = model or make_model("mlp")
+    images, labels = torch.randn(8, 1, 28, 28), torch.arange(8)
+    kind = loss_kind(config)
+    with torch.no_grad():
+        logged = logged_loss(kind, make_closure(kind, model, images, labels)())
+    returned = build_estimator(config, seed=0).estimate(
+        model, make_closure(kind, model, images, labels)
+    )
+    assert logged == pytest.approx(float(returned), rel=1e-5)
