@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,34 @@ def test_cosine_of_parallel_and_opposite_gradients():
     assert cosine(a, [2 * t for t in a]) == pytest.approx(1.0)
     assert cosine(a, [-t for t in a]) == pytest.approx(-1.0)
     assert cosine([None, torch.tensor([1.0])], [torch.tensor([1.0, 0.0]), None]) == 0.0
+
+
+def test_measuring_puts_back_random_states_and_buffers_and_leaves_grad():
+    # Dropout draws from the global generator and batch norm updates its statistics in a
+    # training-mode forward pass: the measurement must undo both.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 3))
+    images, labels = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    fg.Backprop().estimate(model, lambda: nn.functional.cross_entropy(model(images), labels))
+    grads = [p.grad.clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    state = torch.get_rng_state()
+    cosine_to_target(model, END_TO_END, (images, labels), grads)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_measuring_is_not_counted_in_step_times(tmp_path, monkeypatch):
+    from forwardgrad.experiments import cosine as cosine_module
+
+    def slow(*args):
+        time.sleep(0.3)
+        return 0.5
+
+    monkeypatch.setattr(cosine_module, "cosine_to_target", slow)
+    config = TrainConfig(problem="beale", estimator="backprop", lr=1e-3, steps=3,
+                         cosine_every=1, threads=1)  # fmt: skip
+    summary = train(config, tmp_path / "run").summary
+    assert summary["median_step_time_s"] < 0.15
+    assert cosines(tmp_path / "run") == {0: 0.5, 1: 0.5, 2: 0.5}
