@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import write_tiny_dataset
+from helpers import read_metrics, write_tiny_dataset
 from torch import nn
 
 from forwardgrad.cli import main
@@ -381,7 +381,7 @@ def test_a_dead_or_hung_rank_stops_the_others_within_the_timeout(ranks, how):
 # --------------------------------------------------------------------------- the command line
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout, not the installed package
 TRAIN_SIZE, TEST_SIZE = 96, 40
 # Run under torchrun with the tiny data set registered; on the first attempt rank 1 kills
 # itself (SIGKILL) in training step KILL_RANK1_AT_STEP, if that is set.
@@ -422,11 +422,13 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-def torchrun(root: Path, run_dir: Path, *extra: str, env: dict | None = None):
+def torchrun(
+    root: Path, run_dir: Path, *extra: str, env: dict | None = None, flags: tuple[str, ...] = ()
+):
     """``torchrun --standalone --nproc_per_node 2 launcher.py train ... --out run_dir``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(WORLD_SIZE), "--monitor-interval", "0.1", *extra,
-               str(root / "launcher.py"), *TRAIN_FLAGS, "--out", str(run_dir)]  # fmt: skip
+               str(root / "launcher.py"), *TRAIN_FLAGS, *flags, "--out", str(run_dir)]  # fmt: skip
     environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                "FORWARDGRAD_DATA_DIR": str(root / "data"), "FORWARDGRAD_TIMEOUT_S": "30",
                **(env or {})}  # fmt: skip
@@ -483,3 +485,27 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint(uninterrupted, tiny
     metrics = [(run_dir / "metrics.csv").read_text(), (uninterrupted / "metrics.csv").read_text()]
     losses = [[row.split(",")[2] for row in text.splitlines()] for text in metrics]
     assert losses[0] == losses[1]
+
+
+@pytest.mark.timeout(180)
+def test_rank_0_measures_the_cosine_of_the_global_estimate(tiny_root, monkeypatch, capsys):
+    # Rank 0 compares the summed estimate with the whole batch's gradient: the cosines of one
+    # process, up to float32 rounding of the shard sums.
+    run_dir = tiny_root / "cosine"
+    finished = torchrun(tiny_root, run_dir, flags=("--cosine-every", "3"))
+    assert finished.returncode == 0, finished.stderr
+    monkeypatch.setitem(data.DATASETS, "tiny", data.DatasetSpec(
+        name="tiny", mirrors=(), sha256=None, gz_md5=None, train_size=TRAIN_SIZE,
+        test_size=TEST_SIZE))  # fmt: skip
+    monkeypatch.setenv("FORWARDGRAD_DATA_DIR", str(tiny_root / "data"))
+    single = tiny_root / "cosine-single"
+    flags = [*TRAIN_FLAGS, "--threads", "1", "--cosine-every", "3", "--out", str(single)]
+    assert main(flags) == 0
+    capsys.readouterr()
+    found = [
+        {int(r["step"]): float(r["cosine_to_gradient"]) for r in rows if r["cosine_to_gradient"]}
+        for rows in (read_metrics(run_dir), read_metrics(single))
+    ]
+    assert sorted(found[0]) == sorted(found[1]) == [0, 3, 6, 9]
+    for step, value in found[1].items():
+        assert found[0][step] == pytest.approx(value, rel=1e-4, abs=1e-6)
