@@ -33,6 +33,7 @@ from torch import nn
 
 import forwardgrad as fg
 from forwardgrad.estimators.tables import LossGroup
+from forwardgrad.experiments import cosine as cosine_study
 from forwardgrad.experiments.batches import normalize, pixel_stats
 from forwardgrad.experiments.datasets import load_dataset
 
@@ -196,16 +197,7 @@ def make_closure(method: Method, model: nn.Module, x, y) -> Callable[[], torch.T
 
 def target_gradient(method: Method, model: nn.Module, x, y) -> list[torch.Tensor]:
     """The exact gradient of the loss the method's estimate targets, by autograd."""
-    params = list(model.parameters())
-    with torch.enable_grad():
-        if method.target == "end-to-end":
-            return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
-        local = torch.autograd.grad(model.loss(x, y), params)
-        if method.target == "local":
-            return list(local)
-        body = list(model.blocks.parameters())  # guess: ∇L for the blocks, local for heads
-        exact = dict(zip(map(id, body), torch.autograd.grad(F.cross_entropy(model(x), y), body)))
-        return [exact.get(id(p), g) for p, g in zip(params, local)]
+    return cosine_study.target_gradient(model, method.target, x, y)
 
 
 def end_to_end_gradient(model: nn.Module, x, y) -> list[torch.Tensor]:
@@ -218,12 +210,6 @@ def end_to_end_gradient(model: nn.Module, x, y) -> list[torch.Tensor]:
         body = list(model.parameters())
     with torch.enable_grad():
         return list(torch.autograd.grad(F.cross_entropy(model(x), y), body)), body
-
-
-def cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    a = torch.cat([t.flatten() for t in a]).double()
-    b = torch.cat([t.flatten() for t in b]).double()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -261,9 +247,9 @@ def train(method, data, args, lr, steps, measure):
         times.append(time.perf_counter() - began)
         if measure and step % args.cos_every == 0:
             grads = [p.grad.clone() for p in model.parameters()]
-            cos_target.append(cosine(grads, target_gradient(method, model, x, y)))
+            cos_target.append(cosine_study.cosine(grads, target_gradient(method, model, x, y)))
             exact, body = end_to_end_gradient(model, x, y)
-            cos_global.append(cosine([p.grad for p in body], exact))
+            cos_global.append(cosine_study.cosine([p.grad for p in body], exact))
         optimizer.step()
         schedule.step()
     return model, cos_target, cos_global, 1e3 * statistics.median(times[1:] or times or [0])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from forwardgrad import reporting
 from forwardgrad.cli.flags import (
+    add_cosine_flag,
     add_data_flags,
     add_estimators_flag,
     add_machine_flags,
@@ -108,6 +109,7 @@ def add_reproduce(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip the 'each estimator at its own tuned lr' comparison",
     )
+    add_cosine_flag(parser, "default: each problem's own, 0 for the test functions")
     add_data_flags(parser)
     add_machine_flags(parser)
 
@@ -119,7 +121,7 @@ def _reproduce_plan(args: argparse.Namespace, out: Path) -> list[Planned]:
         if experiment.name not in args.problems:
             continue
         values, sweep_steps = experiment.settings(args.full)
-        for flag in ("dataset", "data_dir", "seed", "threads"):
+        for flag in ("dataset", "data_dir", "seed", "threads", "cosine_every"):
             if getattr(args, flag) is not None:
                 values[flag] = getattr(args, flag)
         base = replace(TrainConfig(**values).validate(), **method)

@@ -53,6 +53,7 @@ CONFIG_FLAGS = (
     "log_every",
     "checkpoint_every",
     "test_examples",
+    "cosine_every",
 )
 
 
@@ -249,6 +250,17 @@ def _add_interval_flags(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every", type=int, help=f"steps (default {d.checkpoint_every}; 0: end)"
     )
     parser.add_argument("--test-examples", type=int, help="evaluate on the first N only")
+    add_cosine_flag(parser, "default 0: never")
+
+
+def add_cosine_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--cosine-every",
+        type=int,
+        metavar="N",
+        help="every N steps, log the cosine between the estimate and the exact gradient of the "
+        f"loss it targets (untimed; training is unchanged) ({default})",
+    )
 
 
 def _add_sweep_flags(parser: argparse.ArgumentParser) -> None:

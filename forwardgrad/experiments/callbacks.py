@@ -2,7 +2,8 @@
 evaluation, Frank-Wolfe gaps, the metrics log, rank checks, checkpoints, progress and signals.
 
 The loop (``forwardgrad.experiments.loop``) calls, in list order, ``on_start`` once,
-``before_step`` and ``after_step`` around every update, ``on_diverged`` if the loss stops being
+``before_step`` and ``after_step`` around every update (``after_estimate`` within it, between
+the estimate and the optimizer step), ``on_diverged`` if the loss stops being
 finite, then ``on_train_end`` and ``on_final_row`` (the row of the final parameters), and ``close``
 in every case. A callback may raise ``StopRequested`` from ``after_step`` to stop the run after a
 checkpoint.
@@ -23,6 +24,7 @@ from forwardgrad.distributed import DEFAULT_CHECK_EVERY
 from forwardgrad.experiments import checkpoints as ckpt
 from forwardgrad.experiments.optimizers import exact_frank_wolfe_gap
 from forwardgrad.experiments.rundir import MetricsLog, NoMetricsLog
+from forwardgrad.experiments.schema import COSINE_COLUMN
 
 if TYPE_CHECKING:
     from forwardgrad.experiments.loop import RunState
@@ -86,6 +88,9 @@ class Callback:
 
     def before_step(self, run: RunState, record: StepRecord) -> None:
         pass
+
+    def after_estimate(self, run: RunState, record: StepRecord, batch: Any) -> None:
+        """Between the estimate (in ``.grad``) of ``batch`` and the optimizer step, untimed."""
 
     def after_step(self, run: RunState, record: StepRecord) -> None:
         pass
@@ -170,7 +175,8 @@ class MetricsLogger(Callback):
         self.log, self.every = log, every
 
     def after_step(self, run: RunState, record: StepRecord) -> None:
-        if record.evaluated or due(record.step, self.every):
+        # A row holding a measurement taken at its own interval is logged as well.
+        if record.evaluated or due(record.step, self.every) or COSINE_COLUMN in record.values:
             self.log.write(record.values)
 
     def on_diverged(self, run: RunState, record: StepRecord) -> None:

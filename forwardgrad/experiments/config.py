@@ -85,6 +85,8 @@ class TrainConfig:
             thread count changes floating-point summation order, hence the bits of the result.
         eval_every, log_every, checkpoint_every: intervals in steps; 0 means only at the end
             (no periodic checkpoints, but the final one and one on interrupt are still written).
+        cosine_every: every this many steps, log the cosine between the estimate and the exact
+            gradient of the loss it targets (``cosine``; untimed, training unchanged); 0: never.
         test_examples: evaluate on the first N test examples only (None: all), to save time.
         validation_fraction: if > 0, hold out this fraction of the training set and evaluate on
             it instead of the test set (learning-rate sweeps).
@@ -117,6 +119,7 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 10
     checkpoint_every: int = 500
+    cosine_every: int = 0
     test_examples: int | None = None
     validation_fraction: float = 0.0
     world_size: int = 1
@@ -176,7 +179,7 @@ class TrainConfig:
         check_number("eps", self.eps, low=0, strict=True)
         for name in ("dim", "tangents", "batch_size", "world_size"):
             check_integer(name, getattr(self, name), low=1)
-        for name in ("eval_every", "log_every", "checkpoint_every", "seed"):
+        for name in ("eval_every", "log_every", "checkpoint_every", "cosine_every", "seed"):
             check_integer(name, getattr(self, name), low=0)
         for name in ("threads", "test_examples"):
             if getattr(self, name) is not None:

@@ -228,18 +228,30 @@ def _final_row(run: RunState, callbacks: Sequence[Callback]) -> StepRecord:
 def _take_step(
     run: RunState, record: StepRecord, callbacks: Sequence[Callback], checkpoints: Checkpoints
 ) -> None:
-    """One timed update; a non-finite loss ends the run with ``TrainingDiverged``."""
-    started = time.perf_counter()
-    closure = run.closure(run.task.next_batch())
+    """One timed update; a non-finite loss ends the run with ``TrainingDiverged``. The
+    callbacks' ``after_estimate`` runs between the estimate and the optimizer step, untimed."""
+    started, untimed = time.perf_counter(), 0.0
+    batch = run.task.next_batch()
+    closure = run.closure(batch)
+
+    def after_estimate() -> None:
+        nonlocal untimed
+        began = time.perf_counter()
+        for callback in callbacks:
+            callback.after_estimate(run, record, batch)
+        untimed += time.perf_counter() - began
+
     try:
-        run.last_loss = train_step(run.model, run.estimator, run.optimizer, closure)
+        run.last_loss = train_step(
+            run.model, run.estimator, run.optimizer, closure, after_estimate=after_estimate
+        )
     except NonFiniteLoss as error:
         record.values["train_loss"] = error.value
         for callback in callbacks:
             callback.on_diverged(run, record)
         kept = checkpoints.last_good(record.step) if run.is_main else None
         raise _diverged(run.config, record, error, kept) from None
-    step_time = time.perf_counter() - started
+    step_time = time.perf_counter() - started - untimed
     record.values["train_loss"] = run.last_loss
     run.elapsed += step_time
     run.step_times.append(step_time)
@@ -250,8 +262,11 @@ def train_step(
     estimator: Estimator,
     optimizer: torch.optim.Optimizer,
     closure: Callable[[], torch.Tensor],
+    *,
+    after_estimate: Callable[[], None] | None = None,
 ) -> float:
-    """Estimate the gradient into ``.grad``, apply the optimizer, return the loss before the step.
+    """Estimate the gradient into ``.grad``, call ``after_estimate`` (if given), apply the
+    optimizer, return the loss before the step.
 
     Raises:
         NonFiniteLoss: the loss (or a directional derivative) is NaN or infinite; the
@@ -260,6 +275,8 @@ def train_step(
     loss = float(estimator.estimate(model, closure))
     if not math.isfinite(loss):
         raise NonFiniteLoss(loss, "the loss")
+    if after_estimate is not None:
+        after_estimate()
     optimizer.step()
     return loss
 

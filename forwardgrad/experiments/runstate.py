@@ -22,6 +22,7 @@ from forwardgrad.estimators import Estimator
 from forwardgrad.experiments import callbacks as cb
 from forwardgrad.experiments import checkpoints as ckpt
 from forwardgrad.experiments.config import TrainConfig, build_estimator
+from forwardgrad.experiments.cosine import GradientCosine, target_of
 from forwardgrad.experiments.files import write_json
 from forwardgrad.experiments.labels import run_label
 from forwardgrad.experiments.memory import PeakMemory
@@ -209,7 +210,11 @@ def build_callbacks(
         callbacks.append(cb.Evaluation(config.eval_every))
     if config.is_frank_wolfe:
         callbacks.append(cb.FrankWolfeGaps(config.log_every, config.is_test_function))
-    columns = metric_columns(config.is_test_function, config.is_frank_wolfe)
+    if config.cosine_every > 0:
+        callbacks.append(GradientCosine(config.cosine_every, target_of(config)))
+    columns = metric_columns(
+        config.is_test_function, config.is_frank_wolfe, cosine=config.cosine_every > 0
+    )
     log = (
         MetricsLog(run.run_dir / METRICS_FILE, columns, keep_before=run.start)
         if run.is_main

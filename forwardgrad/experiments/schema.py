@@ -6,6 +6,9 @@ updates: ``train_loss`` is the loss of mini-batch ``s`` at θ_s, ``time_s`` the 
 those ``s`` updates, ``lr`` the step size of update ``s + 1``. Test functions add the position
 (``distance_to_optimum``, ``x0``, ``x1``); Frank-Wolfe runs add ``fw_gap`` (each update's gap, with
 the direction it used) and ``fw_gap_exact`` (the gap with the exact gradient, at evaluation rows).
+Runs with ``cosine_every`` add ``cosine_to_gradient``: at every ``cosine_every``-th step, the
+cosine between update ``s + 1``'s estimate and the exact gradient of the loss it targets, on
+mini-batch ``s`` at θ_s (``forwardgrad.experiments.cosine``).
 Empty cells are values that were not measured at that row.
 """
 
@@ -26,19 +29,22 @@ LR_SWEEP_FILE = "lr_sweep.json"
 METRIC_COLUMNS = ("step", "time_s", "train_loss", "lr", "test_loss", "test_accuracy")
 TEST_FUNCTION_COLUMNS = ("distance_to_optimum", "x0", "x1")
 FRANK_WOLFE_COLUMNS = ("fw_gap", "fw_gap_exact")
-ALL_METRIC_COLUMNS = METRIC_COLUMNS + TEST_FUNCTION_COLUMNS + FRANK_WOLFE_COLUMNS
+COSINE_COLUMN = "cosine_to_gradient"
+ALL_METRIC_COLUMNS = METRIC_COLUMNS + TEST_FUNCTION_COLUMNS + FRANK_WOLFE_COLUMNS + (COSINE_COLUMN,)
 
 # Keys of config.json besides the TrainConfig fields.
 CONFIG_RECORD_KEYS = ("versions", "machine", "command", "bytes_communicated_per_step")
 
 
-def metric_columns(test_function: bool, frank_wolfe: bool) -> tuple[str, ...]:
+def metric_columns(test_function: bool, frank_wolfe: bool, cosine: bool = False) -> tuple[str, ...]:
     """The header of a run's ``metrics.csv``."""
     columns = METRIC_COLUMNS
     if test_function:
         columns += TEST_FUNCTION_COLUMNS
     if frank_wolfe:
         columns += FRANK_WOLFE_COLUMNS
+    if cosine:
+        columns += (COSINE_COLUMN,)
     return columns
 
 

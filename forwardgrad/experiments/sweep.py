@@ -81,6 +81,7 @@ def sweep_learning_rate(
         validation_fraction=0.0 if config.is_test_function else validation_fraction,
         eval_every=0,
         checkpoint_every=0,
+        cosine_every=0,
         lr_selected_by="fixed",
     )
     scores = {lr: _score(replace(base, lr=lr), progress, download) for lr in candidates}

@@ -18,6 +18,7 @@ import numpy as np
 from forwardgrad.errors import ForwardGradError
 from forwardgrad.experiments.files import atomic_write
 from forwardgrad.experiments.problems import make_test_function
+from forwardgrad.reporting.cosines import has_cosines, plot_cosines
 from forwardgrad.reporting.runs import Run, any_finite
 from forwardgrad.reporting.tables import Section
 from forwardgrad.reporting.thresholds import SMOOTHING_ROWS, smoothed_train_loss, trailing_mean
@@ -261,7 +262,14 @@ def _plots(runs: list[Run], colors: dict) -> list[tuple[str, str, str, Panel]]:
     for column, (kind, ylabel) in gaps.items():
         if any(any_finite(run.metrics[column]) for run in runs):
             plots.append((kind, steps, ylabel, partial(_plot_gap, column=column, colors=colors)))
+    if has_cosines(runs):
+        panel = partial(_plot_cosines, colors=colors)
+        plots.append(("cosine_vs_steps", steps, "cosine to its target gradient", panel))
     return plots
+
+
+def _plot_cosines(ax, section: Section, colors: dict) -> None:
+    plot_cosines(ax, section, colors, lambda run: _curve_label(run, section.show_lr))
 
 
 def _plot_gap(ax, section: Section, column: str, colors: dict) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from forwardgrad.reporting import markdown
+from forwardgrad.reporting.cosines import COSINE_HEADER, cosine_note, has_cosines, mean_cosine
 from forwardgrad.reporting.runs import Run, format_number, last_finite
 from forwardgrad.reporting.thresholds import SMOOTHING_ROWS, loss_threshold, time_to_threshold
 
@@ -125,6 +126,9 @@ def table(section: Section, backprop: Run | None, comparison: bool = True) -> li
     distributed = any((run.config.get("world_size") or 1) > 1 for run in runs)
     if distributed:
         header += ["bytes all-reduced / step"]
+    cosines = has_cosines(runs)
+    if cosines:
+        header += [COSINE_HEADER]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         cells = _cells(run, backprop, test_function, comparison)
@@ -133,8 +137,10 @@ def table(section: Section, backprop: Run | None, comparison: bool = True) -> li
         if distributed:
             sent = run.bytes_communicated_per_step
             cells.append("n/a" if sent is None else f"{int(sent):,}")
+        if cosines:
+            cells.append(mean_cosine(run))
         lines.append("| " + " | ".join(markdown.text(cell) for cell in cells) + " |")
-    return lines + [""] + memory_note(runs)
+    return lines + [""] + memory_note(runs) + cosine_note(runs)
 
 
 def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool) -> list[str]:

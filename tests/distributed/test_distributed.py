@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import write_tiny_dataset
+from helpers import read_metrics, write_tiny_dataset
 from torch import nn
 
 from forwardgrad.cli import main
@@ -423,11 +423,13 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-def torchrun(root: Path, run_dir: Path, *extra: str, env: dict | None = None):
+def torchrun(
+    root: Path, run_dir: Path, *extra: str, env: dict | None = None, flags: tuple[str, ...] = ()
+):
     """``torchrun --standalone --nproc_per_node 2 launcher.py train ... --out run_dir``."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", str(WORLD_SIZE), "--monitor-interval", "0.1", *extra,
-               str(root / "launcher.py"), *TRAIN_FLAGS, "--out", str(run_dir)]  # fmt: skip
+               str(root / "launcher.py"), *TRAIN_FLAGS, *flags, "--out", str(run_dir)]  # fmt: skip
     environ = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                "FORWARDGRAD_DATA_DIR": str(root / "data"), "FORWARDGRAD_TIMEOUT_S": "30",
                **(env or {})}  # fmt: skip
@@ -496,3 +498,27 @@ def test_without_restarts_the_survivor_exits_3_in_one_line(tiny_root):
     # not -15 (torchrun's SIGTERM arriving while it shut down).
     survivor = re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: (-?\d+)", finished.stderr)
     assert survivor is not None and survivor.group(1) == "3", finished.stderr
+
+
+@pytest.mark.timeout(180)
+def test_rank_0_measures_the_cosine_of_the_global_estimate(tiny_root, monkeypatch, capsys):
+    # Rank 0 compares the summed estimate with the whole batch's gradient: the cosines of one
+    # process, up to float32 rounding of the shard sums.
+    run_dir = tiny_root / "cosine"
+    finished = torchrun(tiny_root, run_dir, flags=("--cosine-every", "3"))
+    assert finished.returncode == 0, finished.stderr
+    monkeypatch.setitem(data.DATASETS, "tiny", data.DatasetSpec(
+        name="tiny", mirrors=(), sha256=None, gz_md5=None, train_size=TRAIN_SIZE,
+        test_size=TEST_SIZE))  # fmt: skip
+    monkeypatch.setenv("FORWARDGRAD_DATA_DIR", str(tiny_root / "data"))
+    single = tiny_root / "cosine-single"
+    flags = [*TRAIN_FLAGS, "--threads", "1", "--cosine-every", "3", "--out", str(single)]
+    assert main(flags) == 0
+    capsys.readouterr()
+    found = [
+        {int(r["step"]): float(r["cosine_to_gradient"]) for r in rows if r["cosine_to_gradient"]}
+        for rows in (read_metrics(run_dir), read_metrics(single))
+    ]
+    assert sorted(found[0]) == sorted(found[1]) == [0, 3, 6, 9]
+    for step, value in found[1].items():
+        assert found[0][step] == pytest.approx(value, rel=1e-4, abs=1e-6)
