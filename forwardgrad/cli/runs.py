@@ -20,6 +20,7 @@ from forwardgrad.experiments.files import write_json
 from forwardgrad.experiments.loop import TrainingDiverged, train
 from forwardgrad.experiments.rundir import read_json_object
 from forwardgrad.experiments.schema import CONFIG_FILE, LR_SWEEP_FILE, SUMMARY_FILE
+from forwardgrad.experiments.step_timing import STEP_TIMING_FILE, time_runs
 from forwardgrad.experiments.sweep import sweep_learning_rate
 
 PROG = "forwardgrad"
@@ -142,6 +143,25 @@ def run_all(plan: Sequence[Planned], context: Context) -> list[Path]:
             done.append(planned.run_dir)
         context.display.close()
     return done
+
+
+def time_steps(run_dirs: Sequence[Path], context: Context) -> None:
+    """``step_timing.json`` beside each group of compared runs: single steps of every run
+    alternated in one process, so that their time ratios see the same load."""
+    groups: dict[Path, list[Path]] = {}
+    for run_dir in run_dirs:
+        if (run_dir / CONFIG_FILE).is_file():
+            groups.setdefault(run_dir.parent, []).append(run_dir)
+    for parent, group in groups.items():
+        if context.speaks and context.display.mode != "none":
+            print(
+                f"{PROG}: timing {len(group)} runs in {parent}: single steps alternated "
+                "(up to about 30 s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        timing = time_runs(group, download=context.download)
+        write_json(parent / STEP_TIMING_FILE, timing)
 
 
 def write_reports(out: Path, run_dirs: Sequence[Path], title: str) -> Path:

@@ -12,6 +12,7 @@ import numpy as np
 
 from forwardgrad.reporting.runs import Run, format_number, last_finite
 from forwardgrad.reporting.thresholds import SMOOTHING_ROWS, loss_threshold, time_to_threshold
+from forwardgrad.reporting.timing import alternated_step_s, ratio_cell, timing_note
 
 TIMING_NOTE = (
     "Timings were measured on this machine{machine}. Wall-clock time counts training only: "
@@ -123,7 +124,8 @@ def table(section: Section, backprop: Run | None, comparison: bool = True) -> li
             sent = run.bytes_communicated_per_step
             cells.append("n/a" if sent is None else f"{int(sent):,}")
         lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""] + memory_note(runs)
+    notes = timing_note(runs, backprop) if comparison else []
+    return lines + [""] + notes + memory_note(runs)
 
 
 def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool) -> list[str]:
@@ -147,7 +149,7 @@ def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool
         run.lr_selected_by,
         str(run.steps),
         format_time(run.median_step_time_s),
-        *([format_number(time_ratio, ".2f", missing="n/a")] if comparison else []),
+        *([ratio_cell(run, backprop, time_ratio)] if comparison else []),
         final_loss,
         last,
         format_memory(run),
@@ -158,7 +160,9 @@ def _threshold_cells(run: Run, threshold: float | None) -> list[str]:
     reached = None if threshold is None else time_to_threshold(run, threshold)
     if reached is None:
         return ["not reached", "not reached"]
-    return [str(reached[0]), f"{reached[1]:.3g} s"]
+    step_s = alternated_step_s(run)  # the same load for every run, where it was measured
+    seconds = reached[0] * step_s if math.isfinite(step_s) else reached[1]
+    return [str(reached[0]), f"{seconds:.3g} s"]
 
 
 def final_exact_gap(run: Run) -> float:

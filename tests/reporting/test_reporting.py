@@ -430,3 +430,47 @@ def test_distributed_runs_show_bytes_all_reduced_per_step(tmp_path):
 def test_single_process_runs_have_no_bytes_column(tmp_path):
     runs = [make_run(tmp_path / e, estimator=e) for e in ("forward", "backprop")]
     assert "bytes all-reduced" not in write_comparison_report(tmp_path, runs).read_text()
+
+
+def write_step_timing(directory: Path, cpu_share: float, ratios: dict[str, tuple]) -> None:
+    """A comparison's step_timing.json: run name -> (wall median, p10, p90, cpu ratio)."""
+    runs = {
+        name: {
+            "label": name,
+            "wall_s": {"median": 0.01 * m, "p10": 0.01 * lo, "p90": 0.01 * hi},
+            "cpu_s": {"median": 0.01 * c, "p10": 0.01 * c, "p90": 0.01 * c},
+            "ratio_to": {"bp": {"median": m, "p10": lo, "p90": hi, "cpu": c}},
+        }
+        for name, (m, lo, hi, c) in ratios.items()
+    }
+    timing = {"method": "alternated", "threads": 1, "rounds": 40, "cpu_share": cpu_share}
+    (directory / "step_timing.json").write_text(json.dumps({**timing, "runs": runs}))
+
+
+@pytest.mark.parametrize("cpu_share", [0.3, 0.98])
+def test_time_ratio_comes_from_the_alternated_steps_and_a_loaded_machine_is_flagged(
+    tmp_path, cpu_share
+):
+    # The runs' own medians (0.2 s against 0.01 s) say 20; the alternated steps say 1.9.
+    runs = [
+        make_run(tmp_path / "fwd", median_step_time=0.2, losses=np.linspace(2, 1, 50)),
+        make_run(tmp_path / "bp", estimator="backprop", losses=np.linspace(2, 0.5, 50)),
+    ]
+    write_step_timing(tmp_path, cpu_share, {"fwd": (1.9, 1.5, 2.6, 1.95), "bp": (1, 1, 1, 1)})
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    rows = table_rows(report)
+    assert row_for(rows, "forward")["time ÷ backprop"] == "1.90 (1.50–2.60) noisy"
+    assert row_for(rows, "forward")["median time / iteration"] == "200 ms"  # kept, per run
+    # Time to threshold: steps to it × the alternated step time (49 × 19 ms), not the run's own.
+    assert row_for(rows, "forward")["time to threshold"] == f"{49 * 0.019:.3g} s"
+    claims = {row["quantity"]: row for row in table_rows(report, first_header="quantity")}
+    assert claims["time per iteration, forward ÷ backprop"]["this comparison"] == "1.90 (1.50–2.60)"
+    assert "CPU-time ratios to backprop" in report and "fwd 1.95" not in report
+    assert ("**The machine was loaded**" in report) == (cpu_share < 0.8)
+    assert ("Machine not loaded" in report) == (cpu_share >= 0.8)
+
+
+def test_without_alternated_timing_the_report_says_the_ratio_is_of_separate_runs(tmp_path):
+    runs = [make_run(tmp_path / "fwd"), make_run(tmp_path / "bp", estimator="backprop")]
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    assert "taken at different moments" in report

@@ -1,0 +1,47 @@
+"""Alternated step timing of compared runs: every run's step is rebuilt from its directory and
+timed in lock-step with the others, with wall and CPU time, ratios to each backprop run."""
+
+from __future__ import annotations
+
+import time
+
+from forwardgrad.bench.timing import alternate
+from forwardgrad.experiments import TrainConfig, train
+from forwardgrad.experiments.step_timing import is_loaded, is_noisy, time_runs
+
+
+def test_alternate_records_cpu_time_beside_wall_time():
+    cpu: dict[str, list[float]] = {}
+
+    def busy() -> None:
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:
+            pass
+
+    wall = alternate({"busy": busy, "sleep": lambda: time.sleep(0.002)}, 4, warmup=1, cpu=cpu)
+    assert len(cpu["busy"]) == len(wall["busy"]) == 4
+    assert min(cpu["busy"]) > 0.0015  # a spinning step uses its wall time as CPU time
+    assert max(cpu["sleep"]) < 0.001  # a sleeping one does not
+
+
+def test_time_runs_gives_ratios_to_every_backprop_run(tmp_path):
+    dirs = []
+    for name, estimator in (("fwd", "forward"), ("bp", "backprop"), ("bp2", "backprop")):
+        config = TrainConfig(problem="rosenbrock", estimator=estimator, lr=1e-4, steps=3, threads=1)
+        dirs.append(train(config, tmp_path / name).run_dir)
+    timing = time_runs(dirs, rounds=5, warmup=1, budget_s=None)
+    assert timing["rounds"] == 5 and timing["threads"] == 1
+    assert set(timing["runs"]) == {"fwd", "bp", "bp2"}
+    forward = timing["runs"]["fwd"]
+    assert forward["label"].startswith("forward")
+    assert set(forward["ratio_to"]) == {"bp", "bp2"}
+    assert timing["runs"]["bp"]["ratio_to"]["bp"]["median"] == 1.0
+    ratio = forward["ratio_to"]["bp"]
+    assert ratio["p10"] <= ratio["median"] <= ratio["p90"] and ratio["cpu"] > 0
+    assert 0 < timing["cpu_share"] <= 1.5
+
+
+def test_loaded_and_noisy_flags():
+    assert is_loaded({"cpu_share": 0.5}) and not is_loaded({"cpu_share": 0.97})
+    assert is_noisy({"median": 2.0, "p10": 1.0, "p90": 3.5})
+    assert not is_noisy({"median": 2.0, "p10": 1.9, "p90": 2.2})
