@@ -20,6 +20,7 @@ from forwardgrad.experiments.files import write_json
 from forwardgrad.experiments.loop import TrainingDiverged, train
 from forwardgrad.experiments.rundir import read_json_object
 from forwardgrad.experiments.schema import CONFIG_FILE, LR_SWEEP_FILE, SUMMARY_FILE
+from forwardgrad.experiments.step_memory import step_peak_bytes
 from forwardgrad.experiments.step_timing import STEP_TIMING_FILE, time_runs
 from forwardgrad.experiments.sweep import sweep_learning_rate
 
@@ -156,11 +157,15 @@ def time_steps(run_dirs: Sequence[Path], context: Context) -> None:
         if context.speaks and context.display.mode != "none":
             print(
                 f"{PROG}: timing {len(group)} runs in {parent}: single steps alternated "
-                "(up to about 30 s)",
+                "(up to about 30 s), then one step's peak memory each",
                 file=sys.stderr,
                 flush=True,
             )
         timing = time_runs(group, download=context.download)
+        for run_dir in group:  # a fresh process each, as the benchmark measures memory
+            if not load_config(run_dir).is_test_function:
+                peak = step_peak_bytes(run_dir, download=context.download)
+                timing["runs"][run_dir.name]["step_peak_bytes"] = peak
         write_json(parent / STEP_TIMING_FILE, timing)
 
 

@@ -20,12 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from forwardgrad.experiments.config import TrainConfig, build_estimator, load_config
 from forwardgrad.experiments.labels import run_label
 from forwardgrad.experiments.optimizers import make_optimizer
 from forwardgrad.experiments.runstate import torch_threads
-from forwardgrad.experiments.tasks import make_task
+from forwardgrad.experiments.tasks import Task, make_task
 from forwardgrad.seeds import derive_seed
 
 STEP_TIMING_FILE = "step_timing.json"
@@ -44,6 +45,12 @@ def _build_step(run_dir: Path, download: bool) -> tuple[TrainConfig, Callable[[]
     task = make_task(config, download)
     torch.manual_seed(config.seed)
     model = task.make_model(config)
+    return config, make_step(config, task, model)
+
+
+def make_step(config: TrainConfig, task: Task, model: nn.Module) -> Callable[[], None]:
+    """One training step of ``config``'s estimator and optimizer on ``model``, on one fixed
+    mini-batch of ``task``."""
     estimator = build_estimator(config, seed=derive_seed(config.seed, "tangents"))
     optimizer = make_optimizer(config, model)
     closure = task.closure(model, task.next_batch())
@@ -52,7 +59,7 @@ def _build_step(run_dir: Path, download: bool) -> tuple[TrainConfig, Callable[[]
         estimator.estimate(model, closure)
         optimizer.step()
 
-    return config, step
+    return step
 
 
 def _quantiles(values: Sequence[float]) -> dict[str, float]:

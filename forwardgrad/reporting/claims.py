@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from forwardgrad.experiments.paper import CLAIMS, FRANK_WOLFE_CLAIM, OWN_LR, SAME_LR, Claim
+from forwardgrad.experiments.step_memory import NOISE_FLOOR_BYTES
 from forwardgrad.reporting.runs import Run, format_number
 from forwardgrad.reporting.tables import Section, final_exact_gap, ratio, reference_run
 from forwardgrad.reporting.thresholds import time_to_threshold
-from forwardgrad.reporting.timing import alternated_ratio, alternated_step_s
+from forwardgrad.reporting.timing import alternated_ratio, alternated_step_s, peak_memory
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,10 @@ def _threshold_time_ratio(pair: _Pair) -> str:
 
 
 def _peak_memory_ratio(pair: _Pair) -> str:
-    return _ours_ratio(pair.forward.peak_memory[0], pair.backprop.peak_memory[0])
+    forward, backprop = peak_memory(pair.forward)[0], peak_memory(pair.backprop)[0]
+    if not (math.isfinite(forward) and math.isfinite(backprop)):
+        return f"n/a (below the {NOISE_FLOOR_BYTES / 2**20:g} MiB noise floor)"
+    return _ours_ratio(forward, backprop)
 
 
 def _accuracy_at_same_lr(pair: _Pair) -> str:

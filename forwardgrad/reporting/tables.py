@@ -12,7 +12,13 @@ import numpy as np
 
 from forwardgrad.reporting.runs import Run, format_number, last_finite
 from forwardgrad.reporting.thresholds import SMOOTHING_ROWS, loss_threshold, time_to_threshold
-from forwardgrad.reporting.timing import alternated_step_s, ratio_cell, timing_note
+from forwardgrad.reporting.timing import (
+    alternated_step_s,
+    format_memory,
+    memory_note,
+    ratio_cell,
+    timing_note,
+)
 
 TIMING_NOTE = (
     "Timings were measured on this machine{machine}. Wall-clock time counts training only: "
@@ -77,21 +83,6 @@ def format_time(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "—"
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
-
-
-def format_memory(run: Run) -> str:
-    peak = run.peak_memory[0]
-    return f"{peak / 2**20:.1f} MiB" if math.isfinite(peak) else "—"
-
-
-def memory_note(runs: Sequence[Run]) -> list[str]:
-    """How peak memory was measured, said once under the table (the method names are long)."""
-    methods = {run.label: run.peak_memory[1] for run in runs if run.peak_memory[1]}
-    if not methods:
-        return []
-    if len(set(methods.values())) == 1:
-        return [f"Peak memory: {next(iter(methods.values()))}.", ""]
-    return ["Peak memory: " + "; ".join(f"{k}: {v}" for k, v in methods.items()) + ".", ""]
 
 
 def table(section: Section, backprop: Run | None, comparison: bool = True) -> list[str]:

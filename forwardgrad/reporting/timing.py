@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from forwardgrad.experiments.step_memory import METHOD, NOISE_FLOOR_BYTES
 from forwardgrad.experiments.step_timing import (
     LOADED_CPU_SHARE,
     STEP_TIMING_FILE,
@@ -96,3 +97,31 @@ def timing_note(runs: Sequence[Run], backprop: Run | None) -> list[str]:
             "the time."
         )
     return [lines[0], "", " ".join(lines[1:]), ""]
+
+
+def peak_memory(run: Run) -> tuple[float, str]:
+    """(bytes, method): one step's peak measured in a fresh process where it was, else the
+    run's own figure; NaN below ``NOISE_FLOOR_BYTES``, where it is noise."""
+    found = alternated(run)
+    probed = None if found is None else found[1].get("step_peak_bytes")
+    peak, method = (float(probed), METHOD) if probed is not None else run.peak_memory
+    return (peak if peak >= NOISE_FLOOR_BYTES else math.nan), method
+
+
+def format_memory(run: Run) -> str:
+    peak, _ = peak_memory(run)
+    if math.isfinite(peak):
+        return f"{peak / 2**20:.1f} MiB"
+    return "n/a" if math.isfinite(run.peak_memory[0]) or alternated(run) else "—"
+
+
+def memory_note(runs: Sequence[Run]) -> list[str]:
+    """How peak memory was measured, said once under the table (the method names are long)."""
+    methods = {run.label: peak_memory(run)[1] for run in runs if peak_memory(run)[1]}
+    if not methods:
+        return []
+    floor = f"n/a: below {NOISE_FLOOR_BYTES / 2**20:g} MiB, where the figure is noise"
+    if len(set(methods.values())) == 1:
+        return [f"Peak memory: {next(iter(methods.values()))}; {floor}.", ""]
+    listed = "; ".join(f"{k}: {v}" for k, v in methods.items())
+    return [f"Peak memory: {listed}; {floor}.", ""]

@@ -4,6 +4,7 @@ timed in lock-step with the others, with wall and CPU time, ratios to each backp
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from forwardgrad.bench.timing import alternate
 from forwardgrad.experiments import TrainConfig, train
@@ -45,3 +46,15 @@ def test_loaded_and_noisy_flags():
     assert is_loaded({"cpu_share": 0.5}) and not is_loaded({"cpu_share": 0.97})
     assert is_noisy({"median": 2.0, "p10": 1.0, "p90": 3.5})
     assert not is_noisy({"median": 2.0, "p10": 1.9, "p90": 2.2})
+
+
+def test_step_peak_bytes_measures_one_step_in_a_fresh_process(tmp_path, monkeypatch):
+    from forwardgrad.experiments.step_memory import probe_step, step_peak_bytes
+
+    config = TrainConfig(problem="rosenbrock", estimator="forward", lr=1e-4, steps=2, threads=1)
+    run_dir = train(config, tmp_path / "run").run_dir
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    peak = step_peak_bytes(run_dir)
+    assert peak is not None and 0 <= peak < 2**20  # a 2-parameter step: below the noise floor
+    assert probe_step(str(run_dir))["above_bytes"] >= 0
+    assert step_peak_bytes(tmp_path / "missing") is None  # a failed probe gives no figure

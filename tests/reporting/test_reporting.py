@@ -173,7 +173,7 @@ def test_run_report_writes_pngs_and_table(tmp_path):
     assert row["final train loss"] == f"{losses[-1]:.4g}"
     assert row["test accuracy"] == "0.800"
     assert row["peak memory"] == "100.0 MiB"
-    assert "Peak memory: rss." in report
+    assert "Peak memory: rss; n/a: below 1 MiB" in report
     assert "Wall-clock time counts training only" in report
     assert "forwardgrad train --problem mlp --estimator forward" in report
 
@@ -474,3 +474,31 @@ def test_without_alternated_timing_the_report_says_the_ratio_is_of_separate_runs
     runs = [make_run(tmp_path / "fwd"), make_run(tmp_path / "bp", estimator="backprop")]
     report = write_comparison_report(tmp_path / "out", runs).read_text()
     assert "taken at different moments" in report
+
+
+def test_memory_from_the_step_probe_and_n_a_below_the_noise_floor(tmp_path):
+    runs = [
+        make_run(tmp_path / "fwd", peak_memory=300 * 2**20),
+        make_run(tmp_path / "bp", estimator="backprop", peak_memory=20_000),
+    ]
+    write_step_timing(tmp_path, 1.0, {"fwd": (2, 2, 2, 2), "bp": (1, 1, 1, 1)})
+    # The runs' own figures (300 MiB against 20 KB) would give a ratio of noise: n/a instead.
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    rows = table_rows(report)
+    assert row_for(rows, "backprop")["peak memory"] == "n/a"
+    claims = {row["quantity"]: row for row in table_rows(report, first_header="quantity")}
+    assert claims["peak memory, forward ÷ backprop"]["this comparison"].startswith("n/a")
+    # The step probe's figures, where they exist, replace the runs' own.
+    timing = json.loads((tmp_path / "step_timing.json").read_text())
+    timing["runs"]["fwd"]["step_peak_bytes"] = 9 * 2**20
+    timing["runs"]["bp"]["step_peak_bytes"] = 8 * 2**20
+    (tmp_path / "step_timing.json").write_text(json.dumps(timing))
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    rows = table_rows(report)
+    assert [row_for(rows, k)["peak memory"] for k in ("forward", "backprop")] == [
+        "9.0 MiB",
+        "8.0 MiB",
+    ]
+    claims = {row["quantity"]: row for row in table_rows(report, first_header="quantity")}
+    assert claims["peak memory, forward ÷ backprop"]["this comparison"] == "1.12"
+    assert "in a fresh process" in report
