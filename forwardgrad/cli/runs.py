@@ -17,6 +17,7 @@ from forwardgrad.distributed import World
 from forwardgrad.experiments.config import TrainConfig, load_config
 from forwardgrad.experiments.datasets import load_dataset
 from forwardgrad.experiments.files import write_json
+from forwardgrad.experiments.labels import run_label
 from forwardgrad.experiments.loop import TrainingDiverged, train
 from forwardgrad.experiments.rundir import read_json_object
 from forwardgrad.experiments.schema import CONFIG_FILE, LR_SWEEP_FILE, SUMMARY_FILE
@@ -74,7 +75,10 @@ def sweep(
     result = sweep_learning_rate(
         config, candidates, steps=steps, progress=context.display, download=context.download
     )
-    context.display.close()
+    context.display.note(
+        f"{run_label(config)}: the lr sweep chose {result.best_lr:g} "
+        f"(of {', '.join(f'{lr:g}' for lr in candidates)}; {result.criterion})"
+    )
     return replace(config, lr=result.best_lr, lr_selected_by="sweep"), result.record(steps)
 
 
@@ -113,16 +117,35 @@ def _run_or_continue(planned: Planned, context: Context) -> Path:
         if not (run_dir / SUMMARY_FILE).is_file():
             stored = replace(load_config(run_dir), data_dir=config.data_dir)
             train(stored, run_dir, context.display, resume=True, download=context.download)
+        context.display.note(closing_line(read_json_object(run_dir / SUMMARY_FILE)))
         return run_dir
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} holds files but no run; choose another --out or delete it.")
     record = None
     if tuned:
         config, record = sweep(config, planned.candidates, planned.sweep_steps, context)
-    train(config, run_dir, context.display, download=context.download, command=context.argv)
+    result = train(
+        config, run_dir, context.display, download=context.download, command=context.argv
+    )
     if record is not None:
         write_sweep_record(run_dir, record)
+    context.display.note(closing_line(result.summary))
     return run_dir
+
+
+def closing_line(summary: dict) -> str:
+    """A finished run's final figures, from its summary (after the final evaluation)."""
+    parts = [f"{summary.get('label')}: done after {summary.get('steps')} steps"]
+    figures = (
+        ("final_train_loss", "train loss", ".4g"),
+        ("final_test_loss", "test loss", ".4g"),
+        ("final_test_accuracy", "test accuracy", ".3f"),
+        ("final_distance_to_optimum", "distance to optimum", ".3g"),
+    )
+    for key, name, spec in figures:
+        if summary.get(key) is not None:
+            parts.append(f"{name} {summary[key]:{spec}}")
+    return ", ".join(parts)
 
 
 def run_all(plan: Sequence[Planned], context: Context) -> list[Path]:
@@ -135,7 +158,8 @@ def run_all(plan: Sequence[Planned], context: Context) -> list[Path]:
             load_dataset(config.dataset, config.data_dir, context.download)
             checked.add((config.dataset, config.data_dir))
     done = []
-    for planned in plan:
+    for index, planned in enumerate(plan, start=1):
+        context.display.start_run(index, len(plan), planned.config.problem)
         try:
             done.append(_run_or_continue(planned, context))
         except TrainingDiverged as error:
@@ -143,6 +167,7 @@ def run_all(plan: Sequence[Planned], context: Context) -> list[Path]:
             print(f"{PROG}: warning: {planned.run_dir}: {error}", file=sys.stderr)
             done.append(planned.run_dir)
         context.display.close()
+        context.display.end_run()
     return done
 
 
