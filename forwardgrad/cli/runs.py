@@ -3,7 +3,9 @@ kept or resumed, a diverged run reported and the rest carried on, then the repor
 
 from __future__ import annotations
 
+import math
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -69,8 +71,9 @@ def continue_hint(argv: Sequence[str], out: Path) -> str:
 
 def sweep(
     config: TrainConfig, candidates: Sequence[float], steps: int | None, context: Context
-) -> tuple[TrainConfig, dict]:
-    """Run the lr sweep for ``config``; the tuned config and what to record about the sweep."""
+) -> tuple[list[float], dict]:
+    """Run the lr sweep for ``config``: the candidates that did not diverge, best first (the
+    full run falls back to the next one if the best diverges), and the sweep's record."""
     steps = steps or max(1, (config.steps or 1000) // 4)
     result = sweep_learning_rate(
         config, candidates, steps=steps, progress=context.display, download=context.download
@@ -79,7 +82,39 @@ def sweep(
         f"{run_label(config)}: the lr sweep chose {result.best_lr:g} "
         f"(of {', '.join(f'{lr:g}' for lr in candidates)}; {result.criterion})"
     )
-    return replace(config, lr=result.best_lr, lr_selected_by="sweep"), result.record(steps)
+    ranked = sorted(result.scores, key=lambda lr: (result.scores[lr], lr))
+    ranked = [lr for lr in ranked if math.isfinite(result.scores[lr])] or [result.best_lr]
+    return ranked, {**result.record(steps), "diverged_in_full_run": []}
+
+
+def _train_tuned(planned: Planned, context: Context) -> dict:
+    """Sweep, then train at the best lr; if the full run diverges, again at the next candidate.
+    ``lr_sweep.json`` is written in every case once the run directory exists."""
+    config, run_dir = planned.config, planned.run_dir
+    ranked, record = sweep(config, planned.candidates, planned.sweep_steps, context)
+    for lr in ranked:
+        record["used_lr"] = lr
+        try:
+            return train(
+                replace(config, lr=lr, lr_selected_by="sweep"),
+                run_dir,
+                context.display,
+                download=context.download,
+                command=context.argv,
+            ).summary
+        except TrainingDiverged as error:
+            record["diverged_in_full_run"].append({"lr": lr, "step": error.step})
+            if lr == ranked[-1]:
+                raise
+            context.display.note(
+                f"{run_label(config)}: diverged at step {error.step} with lr {lr:g}; "
+                f"training again with the next candidate, {ranked[ranked.index(lr) + 1]:g}"
+            )
+            shutil.rmtree(run_dir)
+        finally:
+            if (run_dir / CONFIG_FILE).is_file():
+                write_sweep_record(run_dir, record)
+    raise AssertionError("unreachable: the last candidate returns or raises")
 
 
 def write_sweep_record(run_dir: Path, record: dict) -> None:
@@ -121,15 +156,14 @@ def _run_or_continue(planned: Planned, context: Context) -> Path:
         return run_dir
     if run_dir.is_dir() and any(run_dir.iterdir()):
         raise UsageError(f"{run_dir} holds files but no run; choose another --out or delete it.")
-    record = None
     if tuned:
-        config, record = sweep(config, planned.candidates, planned.sweep_steps, context)
-    result = train(
-        config, run_dir, context.display, download=context.download, command=context.argv
-    )
-    if record is not None:
-        write_sweep_record(run_dir, record)
-    context.display.note(closing_line(result.summary))
+        summary = _train_tuned(planned, context)
+    else:
+        result = train(
+            config, run_dir, context.display, download=context.download, command=context.argv
+        )
+        summary = result.summary
+    context.display.note(closing_line(summary))
     return run_dir
 
 
