@@ -16,13 +16,14 @@ from forwardgrad import reporting
 from forwardgrad.cli.flags import UsageError
 from forwardgrad.cli.progress import ProgressDisplay
 from forwardgrad.distributed import World
+from forwardgrad.experiments.checkpoints import list_checkpoints
 from forwardgrad.experiments.config import TrainConfig, load_config
 from forwardgrad.experiments.datasets import load_dataset
 from forwardgrad.experiments.files import write_json
 from forwardgrad.experiments.labels import run_label
 from forwardgrad.experiments.loop import TrainingDiverged, train
 from forwardgrad.experiments.rundir import read_json_object
-from forwardgrad.experiments.schema import CONFIG_FILE, LR_SWEEP_FILE, SUMMARY_FILE
+from forwardgrad.experiments.schema import CHECKPOINT_DIR, CONFIG_FILE, LR_SWEEP_FILE, SUMMARY_FILE
 from forwardgrad.experiments.step_memory import step_peak_bytes
 from forwardgrad.experiments.step_timing import STEP_TIMING_FILE, time_runs
 from forwardgrad.experiments.sweep import sweep_learning_rate
@@ -164,7 +165,15 @@ def _run_or_continue(planned: Planned, context: Context) -> Path:
         )
         summary = result.summary
     context.display.note(closing_line(summary))
+    keep_latest_checkpoint(run_dir)
     return run_dir
+
+
+def keep_latest_checkpoint(run_dir: Path) -> None:
+    """Delete a finished run's checkpoints but the newest: only a resume would read one, and
+    it reads the newest (a quick ``reproduce`` otherwise keeps hundreds of MB of them)."""
+    for _, path in list_checkpoints(run_dir / CHECKPOINT_DIR)[1:]:
+        path.unlink(missing_ok=True)
 
 
 def closing_line(summary: dict) -> str:

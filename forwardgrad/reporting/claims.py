@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from forwardgrad.experiments.paper import CLAIMS, FRANK_WOLFE_CLAIM, OWN_LR, SAME_LR, Claim
 from forwardgrad.experiments.step_memory import NOISE_FLOOR_BYTES
 from forwardgrad.reporting.runs import Run, format_number
-from forwardgrad.reporting.tables import Section, final_exact_gap, ratio, reference_run
+from forwardgrad.reporting.tables import (
+    Section,
+    final_exact_gap,
+    final_train_loss,
+    ratio,
+    reference_run,
+)
 from forwardgrad.reporting.thresholds import time_to_threshold
 from forwardgrad.reporting.timing import alternated_ratio, alternated_step_s, peak_memory
 
@@ -117,7 +123,7 @@ def _at_end(run: Run | None) -> str:
         return "no run"
     text = (
         f"exact gap {format_number(final_exact_gap(run))}, "
-        f"train loss {format_number(run.final_train_loss)}"
+        f"train loss {format_number(final_train_loss(run))}"
     )
     if not run.is_test_function:
         text += f", test accuracy {format_number(run.final_test_accuracy, '.3f')}"

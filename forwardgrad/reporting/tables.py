@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from forwardgrad.reporting.runs import Run, format_number, last_finite
-from forwardgrad.reporting.thresholds import SMOOTHING_ROWS, loss_threshold, time_to_threshold
+from forwardgrad.reporting.thresholds import (
+    SMOOTHING_ROWS,
+    loss_threshold,
+    smoothed_train_loss,
+    time_to_threshold,
+)
 from forwardgrad.reporting.timing import (
     alternated_step_s,
     format_memory,
@@ -129,7 +134,7 @@ def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool
         at = "" if row is None else f" after step {int(run.metrics['step'][row])}"
         final_loss = f"diverged{at}"
     else:
-        final_loss = format_number(run.final_train_loss)
+        final_loss = format_number(final_train_loss(run))
     if test_function:
         last = format_number(run.final_distance_to_optimum, ".4g")
     else:
@@ -145,6 +150,15 @@ def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool
         last,
         format_memory(run),
     ]
+
+
+def final_train_loss(run: Run) -> float:
+    """The mean of the last ``SMOOTHING_ROWS`` logged train losses (test functions: the last
+    value): one mini-batch's loss is too noisy to compare runs by."""
+    smoothed = smoothed_train_loss(run)
+    if len(smoothed) and math.isfinite(smoothed[-1]):
+        return float(smoothed[-1])
+    return run.final_train_loss
 
 
 def _threshold_cells(run: Run, threshold: float | None) -> list[str]:
@@ -227,6 +241,15 @@ def settings_line(runs: Sequence[Run]) -> str:
         if key == "dim" and not all(run.is_test_function for run in runs):
             continue  # a data set's model has no dim, whatever config.json says
         values = {json.dumps(run.config.get(key)) for run in runs}
-        if len(values) == 1 and runs[0].config.get(key) is not None:
+        if key == "test_examples" and not any(run.is_test_function for run in runs):
+            # Evaluation subsets differ between problems (e.g. 2000 images, 500 for the CNN).
+            count = runs[0].config.get(key)
+            same = len(values) == 1
+            parts.append(
+                f"evaluated on {f'{count:,} test examples' if count else 'the whole test set'}"
+                if same
+                else "evaluation subsets differ between runs"
+            )
+        elif len(values) == 1 and runs[0].config.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {runs[0].config[key]}")
     return "Settings: " + (", ".join(parts) if parts else "not recorded") + "."
