@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -13,6 +14,7 @@ from forwardgrad.cli.progress import ProgressDisplay
 from forwardgrad.cli.runs import PROG, Context
 from forwardgrad.distributed import detect_launch, process_group
 from forwardgrad.errors import DistributedError, ForwardGradError
+from forwardgrad.experiments.datasets import FILES, DataMissing
 from forwardgrad.experiments.loop import CheckpointWarning, TrainingDiverged, TrainingInterrupted
 
 EXIT_DIVERGED = 1
@@ -51,12 +53,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 128 + signal.SIGINT
         except TrainingDiverged as error:
             return _say(error, context, EXIT_DIVERGED, prefix="")
+        except DataMissing as error:
+            return _say(data_missing(error), context, EXIT_USAGE)
         except DistributedError as error:  # each rank says what it saw
             return _say(error, context, EXIT_DISTRIBUTED, every_rank=True)
         except ForwardGradError as error:
             return _say(error, context, EXIT_USAGE)
         finally:
             display.close()
+
+
+def data_missing(error: DataMissing) -> str:
+    """The missing-data message in the command line's words (its flags), on short lines."""
+    why = "--no-download was given" if error.offline else "downloading failed"
+    files = ", ".join(FILES[:-1]) + " and " + FILES[-1]
+    lines = [
+        f"{error.name} data not found ({why}); looked in:",
+        f"  {error.directory}",
+        *textwrap.wrap(
+            f"Put {files} (raw or .gz) there, or give --data-dir DIR (or set "
+            "FORWARDGRAD_DATA_DIR) for the folder that holds them.",
+            width=88,
+            initial_indent="  ",
+            subsequent_indent="  ",
+        ),
+    ]
+    if not error.offline:
+        lines.append(f"  Download errors: {error.reason[:300]}")
+    return "\n".join(lines)
 
 
 def _say(

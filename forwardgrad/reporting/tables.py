@@ -246,9 +246,9 @@ def settings_line(runs: Sequence[Run]) -> str:
             count = runs[0].config.get(key)
             same = len(values) == 1
             parts.append(
-                f"evaluated on {f'{count:,} test examples' if count else 'the whole test set'}"
+                f"test examples {count if count else 'all (the whole test set)'}"
                 if same
-                else "evaluation subsets differ between runs"
+                else "test examples differ between runs"
             )
         elif len(values) == 1 and runs[0].config.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {runs[0].config[key]}")

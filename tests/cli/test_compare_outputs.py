@@ -26,3 +26,30 @@ def test_compare_progress_checkpoints_and_step_timing(tmp_path, capsys):
     timing = json.loads((out / "step_timing.json").read_text())
     assert set(timing["runs"]) == {"forward-k-1-normal-mean", "backprop"}
     assert "Time ÷ backprop: " in (out / "report.md").read_text()
+
+
+def test_missing_data_is_said_with_the_flags_and_leaves_no_run_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "runs" / "new"
+    argv = ["train", "--problem", "logreg", "--data-dir", str(tmp_path / "empty"), "--quiet"]
+    code = main([*argv, "--no-download", "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert 1 < len(lines) <= 5, err
+    assert all(len(line) <= 100 for line in lines if str(tmp_path) not in line), err
+    assert lines[0].startswith("forwardgrad: error: mnist data not found")
+    assert lines[1].strip() == str(tmp_path / "empty" / "mnist")
+    assert "--no-download was given" in lines[0] and "--data-dir DIR" in err
+    assert "data_dir" not in err and "download=False" not in err and "Traceback" not in err
+    assert not out.exists() and not out.parent.exists()  # no empty run directory left
+
+
+def test_train_lr_sweep_trains_at_the_chosen_rate_and_keeps_the_record(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--problem", "beale", "--estimator", "backprop", "--steps", "30"]
+    sweep = ["--lr-sweep", "0.001,0.01", "--sweep-steps", "10", "--quiet"]
+    assert main([*argv, *sweep, "--out", str(out)]) == 0, capsys.readouterr().err
+    record = json.loads((out / "lr_sweep.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["lr"] == record["used_lr"] == record["best_lr"]
