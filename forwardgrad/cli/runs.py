@@ -16,6 +16,7 @@ from forwardgrad import reporting
 from forwardgrad.cli.flags import UsageError
 from forwardgrad.cli.progress import ProgressDisplay
 from forwardgrad.distributed import World
+from forwardgrad.errors import ForwardGradError
 from forwardgrad.experiments.checkpoints import list_checkpoints
 from forwardgrad.experiments.config import TrainConfig, load_config
 from forwardgrad.experiments.datasets import load_dataset
@@ -229,7 +230,12 @@ def time_steps(run_dirs: Sequence[Path], context: Context) -> None:
                 file=sys.stderr,
                 flush=True,
             )
-        timing = time_runs(group, download=context.download)
+        try:
+            timing = time_runs(group, download=context.download)
+        except ForwardGradError as error:  # e.g. a run of settings this version cannot build
+            print(f"{PROG}: warning: {parent}: steps not timed: {error}", file=sys.stderr)
+            (parent / STEP_TIMING_FILE).unlink(missing_ok=True)  # not an earlier one's figures
+            continue
         for run_dir in group:  # a fresh process each, as the benchmark measures memory
             if not load_config(run_dir).is_test_function:
                 peak = step_peak_bytes(run_dir, download=context.download)

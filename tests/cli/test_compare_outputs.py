@@ -53,3 +53,21 @@ def test_train_lr_sweep_trains_at_the_chosen_rate_and_keeps_the_record(tmp_path,
     record = json.loads((out / "lr_sweep.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["lr"] == record["used_lr"] == record["best_lr"]
+
+
+def test_a_comparison_whose_steps_cannot_be_timed_still_reports(tmp_path, monkeypatch, capsys):
+    from forwardgrad.cli import runs as cli_runs
+    from forwardgrad.errors import ConfigurationError
+
+    def refuse(*args, **kwargs):
+        raise ConfigurationError("unknown estimator 'newer'.")
+
+    monkeypatch.setattr(cli_runs, "time_runs", refuse)
+    out = tmp_path / "cmp"
+    (out).mkdir()
+    (out / "step_timing.json").write_text("{}")  # an earlier comparison's: not to be used
+    argv = ["compare", "--problem", "beale", "--estimators", "forward,backprop", "--steps", "5"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    assert "steps not timed: unknown estimator" in capsys.readouterr().err
+    assert not (out / "step_timing.json").exists()
+    assert "taken at different moments" in (out / "report.md").read_text()
