@@ -8,7 +8,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from forwardgrad.cli.flags import UsageError
 from forwardgrad.cli.progress import ProgressDisplay
 from forwardgrad.distributed import World
 from forwardgrad.errors import ForwardGradError
+from forwardgrad.experiments.callbacks import Progress
 from forwardgrad.experiments.checkpoints import list_checkpoints
 from forwardgrad.experiments.config import TrainConfig, load_config
 from forwardgrad.experiments.datasets import load_dataset
@@ -78,7 +79,7 @@ def sweep(
     full run falls back to the next one if the best diverges), and the sweep's record."""
     steps = steps or max(1, (config.steps or 1000) // 4)
     result = sweep_learning_rate(
-        config, candidates, steps=steps, progress=context.display, download=context.download
+        config, candidates, steps=steps, progress=_ends_only(context), download=context.download
     )
     context.display.note(
         f"{run_label(config)}: the lr sweep chose {result.best_lr:g} "
@@ -87,6 +88,18 @@ def sweep(
     ranked = sorted(result.scores, key=lambda lr: (result.scores[lr], lr))
     ranked = [lr for lr in ranked if math.isfinite(result.scores[lr])] or [result.best_lr]
     return ranked, {**result.record(steps), "diverged_in_full_run": []}
+
+
+def _ends_only(context: Context) -> Callable[[Progress], None]:
+    """Progress of sweep candidates: as plain lines, only where each starts and ends (a
+    reproduction would otherwise print ten lines per candidate); a bar shows everything."""
+    display = context.display
+
+    def show(event: Progress) -> None:
+        if display.mode != "lines" or event.train_loss is None or event.step >= event.total_steps:
+            display(event)
+
+    return show
 
 
 def _train_tuned(planned: Planned, context: Context) -> dict:

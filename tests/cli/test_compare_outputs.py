@@ -71,3 +71,12 @@ def test_a_comparison_whose_steps_cannot_be_timed_still_reports(tmp_path, monkey
     assert "steps not timed: unknown estimator" in capsys.readouterr().err
     assert not (out / "step_timing.json").exists()
     assert "taken at different moments" in (out / "report.md").read_text()
+
+
+def test_sweep_candidates_print_where_they_start_and_end(tmp_path, capsys):
+    argv = ["compare", "--problem", "beale", "--estimators", "forward", "--steps", "40"]
+    sweep = ["--lr-sweep", "0.001,0.01", "--sweep-steps", "30", "--out", str(tmp_path / "c")]
+    assert main([*argv, *sweep]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert len([line for line in lines if "lr sweep 0.001:" in line]) == 2
+    assert any("the lr sweep chose 0.01 (of 0.001, 0.01" in line for line in lines)
