@@ -10,6 +10,9 @@ end-to-end loss, or the sum of the local losses), on the training batches every 
     python benchmarks/bench_local.py --steps 500 --sweep-steps 100 --threads 1   # the table
     python benchmarks/bench_local.py --optimizer momentum --lrs 0.001,0.003,0.01
     python benchmarks/bench_local.py --steps 300 --methods backprop,activity+local
+    # the paper's setting (SGD, η = 2e-4 decaying as exp(-i·1e-4)), dense against rank-1 tangents;
+    # --depth 0 is logistic regression
+    python benchmarks/bench_local.py --optimizer sgd --lrs 2e-4 --methods forward,forward-rank1
 
 Prints a Markdown table; it asserts nothing.
 """
@@ -51,6 +54,27 @@ METHODS = {
     "backprop": Method(False, lambda s: fg.Backprop(), "mean", (3e-4, 1e-3, 3e-3), "end-to-end"),
     "forward": Method(
         False, lambda s: fg.ForwardGradient(seed=s), "mean", (3e-6, 1e-5, 3e-5), "end-to-end"
+    ),
+    "forward-rank1": Method(
+        False,
+        lambda s: fg.ForwardGradient(seed=s, rank=1),
+        "mean",
+        (3e-6, 1e-5, 3e-5),
+        "end-to-end",
+    ),
+    "forward-rademacher": Method(
+        False,
+        lambda s: fg.ForwardGradient(seed=s, distribution="rademacher"),
+        "mean",
+        (3e-6, 1e-5, 3e-5),
+        "end-to-end",
+    ),
+    "forward-rank1-rademacher": Method(
+        False,
+        lambda s: fg.ForwardGradient(seed=s, distribution="rademacher", rank=1),
+        "mean",
+        (3e-6, 1e-5, 3e-5),
+        "end-to-end",
     ),
     "activity": Method(
         False,
@@ -218,8 +242,11 @@ def train(method, data, args, lr, steps, measure):
     estimator = method.make(args.seed)
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    else:  # SGD with momentum 0.9
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    else:  # SGD with momentum 0.9, or the paper's plain SGD
+        momentum = 0.9 if args.optimizer == "momentum" else 0.0
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    decay = 1e-4 if args.optimizer == "sgd" else 0.0  # the paper's η₀·exp(−i·10⁻⁴)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: math.exp(-i * decay))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed))
     cos_target, cos_global, times = [], [], []
     for step in range(steps):
@@ -238,6 +265,7 @@ def train(method, data, args, lr, steps, measure):
             exact, body = end_to_end_gradient(model, x, y)
             cos_global.append(cosine([p.grad for p in body], exact))
         optimizer.step()
+        schedule.step()
     return model, cos_target, cos_global, 1e3 * statistics.median(times[1:] or times or [0])
 
 
@@ -267,7 +295,7 @@ def main() -> None:
     parser.add_argument("--cos-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--optimizer", choices=("adam", "momentum"), default="adam")
+    parser.add_argument("--optimizer", choices=("adam", "momentum", "sgd"), default="adam")
     parser.add_argument("--lrs", help="comma-separated learning rates for every method")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -3,7 +3,11 @@
 Contenders, alternated round by round in one process on one thread (each a ratio to the
 backprop step of the same round; the table gives the median ratio and its interquartile range):
 
-- ``fast``: the engine's stacked-tangent path (what ``ForwardGradient`` runs);
+- ``fast``: the engine's stacked-tangent path (what ``ForwardGradient`` runs: drawing the
+  tangents, the derivatives, the estimate into ``.grad``), and the same with rank-1 structured
+  tangents;
+- ``fast (derivatives only)``: ``fg.directional_derivatives`` along the same given tangents as
+  ``torch.func``, the like-for-like comparison with it;
 - ``general``: the engine's dual-tensor path, one evaluation per tangent;
 - ``torch.func``: ``torch.func.jvp`` over ``functional_call``, with ``vmap`` over the K tangents
   (derivatives only: no estimate is formed);
@@ -28,6 +32,8 @@ from torch.func import functional_call, jvp, vmap
 
 import forwardgrad as fg
 from forwardgrad.experiments.problems import make_model
+from forwardgrad.jvp import directional_derivatives
+from forwardgrad.tangents.sources import GivenTangents
 
 
 def contenders(model, x, y, counts, compile_too):
@@ -45,8 +51,14 @@ def contenders(model, x, y, counts, compile_too):
     for count in counts:
         fast = fg.ForwardGradient(count, "rademacher", seed=0)
         general = fg.ForwardGradient(count, "rademacher", seed=0, fast=False)
+        structured = fg.ForwardGradient(count, "rademacher", seed=0, rank=1)
         directions = tuple(torch.randn(count, *v.shape).sign() for v in values)
+        given = GivenTangents(list(model.parameters()), directions)
         steps[f"fast K={count}"] = lambda e=fast: e.estimate(model, closure)
+        steps[f"fast K={count}, rank-1 tangents"] = lambda e=structured: e.estimate(model, closure)
+        steps[f"fast K={count} (derivatives only)"] = lambda g=given: directional_derivatives(
+            model, closure, g
+        )
         steps[f"general K={count}"] = lambda e=general: e.estimate(model, closure)
         steps[f"torch.func K={count} (derivatives only)"] = _func_jvp(loss_of, values, directions)
     compile_seconds = None

@@ -58,6 +58,8 @@ class Contender:
     # Memory only: "fresh", .grad freed before the step as optimizer.zero_grad() does; "kept",
     # the buffers of the last step reused, as with zero_grad(set_to_none=False).
     grads: str = "fresh"
+    # Structured tangents of this rank for matrices and conv kernels (None: dense).
+    rank: int | None = None
 
 
 FORWARD = Contender("forward", "forward only", "forward")
@@ -71,19 +73,32 @@ def kept(contender: Contender) -> Contender:
     return Contender(**{**asdict(contender), "key": contender.key + ":kept", "grads": "kept"})
 
 
-def forward_gradient(tangents: int, distribution: str = "normal") -> Contender:
+def _rank_suffix(rank: int | None) -> tuple[str, str]:
+    """What a rank adds to a contender's key and label."""
+    return ("", "") if rank is None else (f":rank{rank}", f" rank {rank}")
+
+
+def forward_gradient(tangents: int, distribution: str = "normal", rank: int | None = None):
+    key, label = _rank_suffix(rank)
     return Contender(
-        f"forward-gradient:{distribution}:{tangents}",
-        f"FG K={tangents} {distribution}",
+        f"forward-gradient:{distribution}:{tangents}{key}",
+        f"FG K={tangents} {distribution}{label}",
         "forward-gradient",
         tangents,
         distribution,
+        rank=rank,
     )
 
 
-def forward_sgd(distribution: str = "normal") -> Contender:
+def forward_sgd(distribution: str = "normal", rank: int | None = None) -> Contender:
+    key, label = _rank_suffix(rank)
     return Contender(
-        f"forward-sgd:{distribution}", f"ForwardSGD {distribution}", "forward-sgd", 1, distribution
+        f"forward-sgd:{distribution}{key}",
+        f"ForwardSGD {distribution}{label}",
+        "forward-sgd",
+        1,
+        distribution,
+        rank=rank,
     )
 
 
@@ -119,7 +134,9 @@ def make_step(
 
         return step
     if kind == "forward-sgd":
-        sgd = ForwardSGD(model, lr, contender.tangents, contender.distribution, seed=seed)
+        sgd = ForwardSGD(
+            model, lr, contender.tangents, contender.distribution, seed=seed, rank=contender.rank
+        )
         return lambda: sgd.step(closure)
     if kind == "backprop" and contender.grads == "kept":
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
@@ -135,6 +152,7 @@ def make_step(
     options = {"tangents": contender.tangents, "seed": seed}
     if kind == "forward-gradient":
         options["distribution"] = contender.distribution
+        options["rank"] = contender.rank
     estimator = make_estimator(_ESTIMATOR_OF[kind], **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
 

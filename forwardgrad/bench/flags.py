@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from forwardgrad.bench.suite import PARTS, BenchConfig, bench_distributions, bench_models
 from forwardgrad.cli.flags import comma_separated
 from forwardgrad.errors import ConfigurationError
@@ -19,6 +21,16 @@ def _numbers(text: str) -> tuple[int, ...]:
     return values
 
 
+def _ranks(text: str) -> tuple[int, ...]:
+    """``--tangent-rank``: comma-separated ranks of at least 1, e.g. 1 or 1,4."""
+    try:
+        return _numbers(text)
+    except ConfigurationError:
+        raise argparse.ArgumentTypeError(
+            f"ranks are comma-separated integers of at least 1 such as 1 or 1,4, got {text!r}"
+        ) from None
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(comma_separated(text))
 
@@ -31,6 +43,13 @@ def add_arguments(parser) -> None:
         help="smoke test (about a minute): logreg and mlp at batch 64, K=1,4, 5 rounds, small "
         "memory probes",
     )
+    parser.add_argument(
+        "--zoo",
+        action="store_true",
+        help="measure the model zoo instead: per real architecture, exactness against autograd, "
+        "the path taken and the K=1 dense and rank-1 step ratios to backprop (--models names zoo "
+        "cases; --rounds default 7); writes zoo.md",
+    )
     parser.add_argument("--out", default="bench", help="directory for bench.json and bench.md")
     parser.add_argument(
         "--models", type=_names, help=f"of {','.join(bench_models())} (default: all)"
@@ -41,6 +60,12 @@ def add_arguments(parser) -> None:
         "--distributions",
         type=_names,
         help=f"of {','.join(bench_distributions())} (default: all)",
+    )
+    parser.add_argument(
+        "--tangent-rank",
+        type=_ranks,
+        metavar="R[,R...]",
+        help="add forward-gradient and ForwardSGD contenders with structured tangents of rank R",
     )
     parser.add_argument("--rounds", type=int, help="timed rounds per problem (default: 20)")
     parser.add_argument(
@@ -63,6 +88,7 @@ def config_from_args(args) -> BenchConfig:
         "rounds": args.rounds,
         "budget_s": args.budget,
         "threads": args.threads,
+        "ranks": args.tangent_rank,
     }
     for name, value in overrides.items():
         if value is not None:

@@ -59,6 +59,9 @@ class BenchConfig:
     memory_width: int = 1024
     memory_cnn: bool = True
     threads: int | None = None
+    # Ranks of structured tangents: each adds forward-gradient (every K and distribution) and
+    # ForwardSGD contenders beside the dense ones.
+    ranks: tuple[int, ...] = ()
     skip: tuple[str, ...] = field(default_factory=tuple)  # of "timing", "sampling", "memory"
 
     @classmethod
@@ -78,15 +81,17 @@ class BenchConfig:
 
     def timing_contenders(self) -> list[Contender]:
         contenders = [BACKPROP, FORWARD]
-        for k in self.tangents:
-            contenders += [forward_gradient(k, d) for d in self.distributions]
-        contenders += [forward_sgd(self.distributions[0]), ZEROTH_ORDER]
-        return contenders
+        for rank in (None, *self.ranks):
+            for k in self.tangents:
+                contenders += [forward_gradient(k, d, rank) for d in self.distributions]
+        contenders += [forward_sgd(self.distributions[0], rank) for rank in (None, *self.ranks)]
+        return [*contenders, ZEROTH_ORDER]
 
     def memory_contenders(self) -> list[Contender]:
         distribution = self.distributions[0]
         estimate = forward_gradient(1, distribution)
         fresh = [BACKPROP, FORWARD, estimate, forward_sgd(distribution)]
+        fresh += [forward_sgd(distribution, rank) for rank in self.ranks]
         return [*fresh, BACKPROP_KEPT, kept(estimate)]
 
 

@@ -43,12 +43,38 @@ def add_bench(parser: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace, context: Context) -> int:
     from forwardgrad import bench
 
+    if args.zoo:
+        return _run_zoo_bench(args, context)
     config = bench.config_from_args(args)
     say = (lambda line: print(f"{PROG}: {line}", file=sys.stderr)) if context.speaks else None
     results = bench.run_benchmark(config, progress=say)
     json_path, md_path = bench.write_results(results, args.out)
     print(bench.to_markdown(results))
     print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _run_zoo_bench(args: argparse.Namespace, context: Context) -> int:
+    from forwardgrad.experiments.files import atomic_write
+    from forwardgrad.zoo.registry import CASES
+    from forwardgrad.zoo.table import format_table, state_table
+
+    names = list(args.models or CASES)
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        raise UsageError(f"unknown zoo case {unknown[0]!r}; choose from {', '.join(CASES)}.")
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {args.rounds}.")
+    available = [name for name in names if CASES[name].unavailable() is None]
+    if not available:
+        raise UsageError(f"no zoo case can be built here: {CASES[names[0]].unavailable()}")
+    say = (lambda name: print(f"{PROG}: zoo {name}", file=sys.stderr)) if context.speaks else None
+    table = format_table(state_table(available, "bench", args.rounds or 7, progress=say))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = atomic_write(out / "zoo.md", table + "\n")
+    print(table)
+    print(f"wrote {path}")
     return 0
 
 

@@ -13,6 +13,7 @@ from forwardgrad.cli.flags import (
     add_data_flags,
     add_estimators_flag,
     add_machine_flags,
+    add_method_flags,
     add_run_flags,
     config_from_args,
     names,
@@ -20,6 +21,7 @@ from forwardgrad.cli.flags import (
 from forwardgrad.cli.runs import (
     Context,
     Planned,
+    UsageError,
     continue_hint,
     default_out,
     run_all,
@@ -29,6 +31,7 @@ from forwardgrad.cli.runs import (
 from forwardgrad.experiments import paper
 from forwardgrad.experiments.config import TrainConfig
 from forwardgrad.experiments.labels import run_directory_name
+from forwardgrad.experiments.methods import applies, check_method, for_estimator
 
 
 def add_compare(parser: argparse.ArgumentParser) -> None:
@@ -47,19 +50,39 @@ def run_compare(args: argparse.Namespace, context: Context) -> int:
     context.resume_hint = continue_hint(context.argv, out)
     averaging = (True, False) if args.averaging == "both" else (base.fw_averaging,)
     plan = []
-    for name in dict.fromkeys(args.estimators):
+    for spec in args.estimators:
         for fw_averaging in averaging:
-            config = replace(base, estimator=name, fw_averaging=fw_averaging)
+            config = replace(
+                for_estimator(base, spec.name, spec.settings), fw_averaging=fw_averaging
+            )
             if args.lr_sweep:
                 run_dir = out / (run_directory_name(config) + "-own-lr")
                 plan.append(Planned(config, run_dir, args.lr_sweep, args.sweep_steps))
             else:
                 plan.append(Planned(config, out / run_directory_name(config)))
+    _check_plan(plan, base)
     run_dirs = run_all(plan, context)
     time_steps(run_dirs, context)
     report = write_reports(out, run_dirs, f"forwardgrad compare: {base.problem}")
     print(f"report: {report}")
     return 0
+
+
+def _check_plan(plan: list[Planned], base: TrainConfig) -> None:
+    """Refuse a comparison with two identical runs, or a shared flag that no run takes."""
+    seen = set()
+    for planned in plan:
+        if planned.run_dir in seen:
+            raise UsageError(
+                f"two of --estimators make the same run, {planned.run_dir.name}; drop one."
+            )
+        seen.add(planned.run_dir)
+    for field, flag in (("tangent_rank", "--tangent-rank"), ("local_losses", "--local-losses")):
+        if getattr(base, field) and not any(getattr(p.config, field) for p in plan):
+            raise UsageError(
+                f"{flag} applies to none of --estimators; add an estimator that takes it "
+                "(forward, or for local losses also activity or backprop) or drop it."
+            )
 
 
 def add_reproduce(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +100,12 @@ def add_reproduce(parser: argparse.ArgumentParser) -> None:
         default=problems,
         help=f"comma-separated subset (default {','.join(problems)})",
     )
-    add_estimators_flag(parser)
+    add_estimators_flag(
+        parser,
+        "comma-separated; runs that cannot be made on a problem (activity or local losses on "
+        "a test function, local losses on logreg) are left out of it",
+    )
+    add_method_flags(parser, single_estimator=False)
     parser.add_argument(
         "--no-sweep",
         action="store_true",
@@ -89,7 +117,7 @@ def add_reproduce(parser: argparse.ArgumentParser) -> None:
 
 def _reproduce_plan(args: argparse.Namespace, out: Path) -> list[Planned]:
     """Every run of the chosen experiments: at the paper's lr, then at each one's own lr."""
-    plan = []
+    plan, method = [], shared_method(args)
     for experiment in paper.EXPERIMENTS:
         if experiment.name not in args.problems:
             continue
@@ -98,15 +126,52 @@ def _reproduce_plan(args: argparse.Namespace, out: Path) -> list[Planned]:
         for flag in ("dataset", "data_dir", "seed", "threads"):
             if getattr(args, flag) is not None:
                 values[flag] = getattr(args, flag)
-        base = TrainConfig(**values).validate()
-        for overrides in experiment.run_settings(args.estimators):
-            config = replace(base, **overrides)
+        base = replace(TrainConfig(**values).validate(), **method)
+        for config in _experiment_runs(experiment, base, args.estimators):
             run_dir = out / experiment.name / run_directory_name(config)
             plan.append(Planned(config, run_dir))
             if experiment.sweep_candidates and not args.no_sweep:
                 own = run_dir.with_name(run_dir.name + "-own-lr")
                 plan.append(Planned(config, own, experiment.sweep_candidates, sweep_steps))
+        for config in _companion_runs(experiment, base, args.estimators):
+            run_dir = out / experiment.name / run_directory_name(config)
+            if all(planned.run_dir != run_dir for planned in plan):  # not asked for already
+                plan.append(Planned(config, run_dir))
     return plan
+
+
+def shared_method(args: argparse.Namespace) -> dict:
+    """--tangent-rank, --local-losses and --guess as TrainConfig fields, checked together."""
+    method = {
+        "tangent_rank": args.tangent_rank,
+        "local_losses": bool(args.local_losses),
+        "guess": args.guess,
+    }
+    check_method(TrainConfig(problem="mlp", **method))
+    return method
+
+
+def _experiment_runs(experiment, base: TrainConfig, specs) -> list[TrainConfig]:
+    """The runs of one experiment: its own list of runs if it has one (of the estimators
+    named), else one per spec that can run on its problem (``methods.applies``)."""
+    if experiment.runs:
+        names = [spec.name for spec in specs]
+        return [
+            replace(for_estimator(base, run["estimator"]), **run)
+            for run in experiment.run_settings(names)
+        ]
+    runs = [for_estimator(base, spec.name, spec.settings) for spec in specs]
+    return [config for config in runs if applies(config)]
+
+
+def _companion_runs(experiment, base: TrainConfig, specs) -> list[TrainConfig]:
+    """The experiment's companion runs (at the paper's lr) of the estimators named."""
+    names = [spec.name for spec in specs]
+    runs = [
+        for_estimator(base, run["estimator"], {k: v for k, v in run.items() if k != "estimator"})
+        for run in experiment.companion_settings(names)
+    ]
+    return [config for config in runs if applies(config)]
 
 
 def run_reproduce(args: argparse.Namespace, context: Context) -> int:

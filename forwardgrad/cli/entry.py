@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import signal
 import sys
 import textwrap
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from forwardgrad.cli.commands import COMMANDS, build_parser
 from forwardgrad.cli.flags import UsageError
@@ -14,8 +17,10 @@ from forwardgrad.cli.progress import ProgressDisplay
 from forwardgrad.cli.runs import PROG, Context
 from forwardgrad.distributed import detect_launch, process_group
 from forwardgrad.errors import DistributedError, ForwardGradError
+from forwardgrad.experiments.callbacks import Terminated
 from forwardgrad.experiments.datasets import FILES, DataMissing
 from forwardgrad.experiments.loop import CheckpointWarning, TrainingDiverged, TrainingInterrupted
+from forwardgrad.experiments.runstate import raise_for_signal
 
 EXIT_DIVERGED = 1
 EXIT_USAGE = 2
@@ -26,9 +31,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see ``forwardgrad.cli``).
 
     forwardgrad's own errors (``ForwardGradError``) end in one line on stderr; any other
-    exception is a bug and propagates with its traceback.
+    exception is a bug and propagates with its traceback. From here to the last line, SIGINT
+    and SIGTERM end the command with 130 or 143 and one line (the training loop defers them to
+    the end of a step, to checkpoint first).
     """
+    whole_process = argv is None  # not a call from Python code, which gets its handlers back
     argv = list(sys.argv[1:] if argv is None else argv)
+    with _signals_stop_the_command(whole_process):
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as interrupt:  # while parsing, before anything ran
+            return _stopped(interrupt, None)
+
+
+def _main(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as error:
@@ -47,10 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_command(args, context)
         except TrainingInterrupted as stop:
             return _interrupted(stop, context)
-        except KeyboardInterrupt:
-            display.close()
-            print(f"{PROG}: interrupted; no checkpoint was written.", file=sys.stderr)
-            return 128 + signal.SIGINT
+        except KeyboardInterrupt as interrupt:  # outside the training loop
+            return _stopped(interrupt, context)
         except TrainingDiverged as error:
             return _say(error, context, EXIT_DIVERGED, prefix="")
         except DataMissing as error:
@@ -59,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _say(error, context, EXIT_DISTRIBUTED, every_rank=True)
         except ForwardGradError as error:
             return _say(error, context, EXIT_USAGE)
+        except OSError as error:  # the file system refused: a bad path, a full disk
+            return _file_system_error(error, context)
         finally:
             display.close()
 
@@ -83,6 +99,39 @@ def data_missing(error: DataMissing) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _signals_stop_the_command(whole_process: bool) -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM ``Terminated`` (instead of killing the process
+    silently), until the command ends; only the main thread can catch signals.
+
+    When the command is the whole process, SIGINT and SIGTERM are then ignored, so the process
+    ends with the code the command chose even if one arrives while Python shuts down (torchrun
+    sends SIGTERM to the other ranks as soon as one fails, which would turn their 3 into -15).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.signal(number, raise_for_signal) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_IGN if whole_process else handler)
+
+
+def _stopped(interrupt: KeyboardInterrupt, context: Context | None) -> int:
+    """One line for a signal outside the training loop: what to run to continue, if anything."""
+    number = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+    if context is not None:
+        context.display.close()
+    if context is None or context.speaks:
+        hint = context.resume_hint if context is not None else ""
+        advice = f"; continue with: {hint}" if hint else ""
+        print(f"{PROG}: interrupted by {signal.Signals(number).name}{advice}.", file=sys.stderr)
+    return 128 + number
+
+
 def _say(
     error: Exception, context: Context, code: int, prefix: str = "error: ", every_rank=False
 ) -> int:
@@ -90,6 +139,22 @@ def _say(
     if context.speaks or every_rank:
         print(f"{PROG}: {prefix}{error}", file=sys.stderr)
     return code
+
+
+# A path or permission problem is a bad argument (2); running out of space or a failing disk is
+# the run failing midway (1): whatever was written before is intact, so the run can continue.
+_OUT_OF_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EIO}
+
+
+def _file_system_error(error: OSError, context: Context) -> int:
+    where = f"{error.filename}: " if error.filename else "the file system refused a write: "
+    message = f"{where}{error.strerror or error}"
+    if error.errno not in _OUT_OF_SPACE:
+        advice = "; choose another path." if error.filename else "."
+        return _say(f"{message}{advice}", context, EXIT_USAGE)
+    resume = context.resume_hint
+    advice = f"; free some space, then continue with: {resume}" if resume else "; free some space."
+    return _say(f"{message}{advice}", context, EXIT_DIVERGED)
 
 
 def _interrupted(stop: TrainingInterrupted, context: Context) -> int:

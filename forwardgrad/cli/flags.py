@@ -10,10 +10,11 @@ import argparse
 import math
 from collections.abc import Callable, Iterable
 
+from forwardgrad.cli.specs import SPEC_SYNTAX, EstimatorSpec, parse_specs
 from forwardgrad.errors import ConfigurationError
-from forwardgrad.estimators import ESTIMATORS
 from forwardgrad.experiments.config import TrainConfig
 from forwardgrad.experiments.datasets import DATASETS
+from forwardgrad.experiments.methods import COMPARED_BY_DEFAULT, GUESSES, RUN_ESTIMATORS
 from forwardgrad.experiments.optimizers import FRANK_WOLFE, FRANK_WOLFE_DEFAULTS, OPTIMIZERS
 from forwardgrad.experiments.problems import PROBLEMS
 from forwardgrad.experiments.sweep import DEFAULT_LR_CANDIDATES
@@ -36,6 +37,9 @@ CONFIG_FLAGS = (
     "distribution",
     "combine",
     "eps",
+    "tangent_rank",
+    "local_losses",
+    "guess",
     "optimizer",
     "constraint",
     "lr",
@@ -126,9 +130,37 @@ def add_machine_flags(parser: argparse.ArgumentParser) -> None:
 def add_estimators_flag(parser: argparse.ArgumentParser, what: str = "comma-separated") -> None:
     parser.add_argument(
         "--estimators",
-        type=names(ESTIMATORS),
-        default=list(ESTIMATORS),
-        help=f"{what} (default {','.join(ESTIMATORS)})",
+        type=parse_specs,
+        default=[EstimatorSpec(name) for name in COMPARED_BY_DEFAULT],
+        metavar="SPEC,SPEC,...",
+        help=f"{what}; each spec is {SPEC_SYNTAX}, an item KEY=VALUE continuing the spec "
+        f"before it, e.g. forward,forward:rank=1,activity,backprop; names "
+        f"{', '.join(RUN_ESTIMATORS)} (default {','.join(COMPARED_BY_DEFAULT)})",
+    )
+
+
+def add_method_flags(parser: argparse.ArgumentParser, single_estimator: bool) -> None:
+    """--tangent-rank, --local-losses and --guess."""
+    where = "" if single_estimator else " (the runs it applies to)"
+    parser.add_argument(
+        "--tangent-rank",
+        type=int,
+        metavar="R",
+        help=f"forward: structured tangents of rank R for every matrix and conv kernel{where} "
+        "(default: dense tangents)",
+    )
+    parser.add_argument(
+        "--local-losses",
+        action="store_true",
+        default=None,
+        help="forward, activity, backprop on mlp/cnn: train blocks (each hidden layer of the "
+        f"MLP, each conv stage of the CNN) on local losses of auxiliary heads{where}",
+    )
+    parser.add_argument(
+        "--guess",
+        choices=list(GUESSES),
+        help="forward with --local-losses: each block's local-loss gradient as its direction"
+        + where,
     )
 
 
@@ -158,9 +190,10 @@ def add_run_flags(parser: argparse.ArgumentParser, single_estimator: bool) -> No
 def _add_estimator_flags(parser: argparse.ArgumentParser, single_estimator: bool) -> None:
     d = TrainConfig()
     if single_estimator:
-        parser.add_argument("--estimator", choices=list(ESTIMATORS), help="(default forward)")
+        parser.add_argument("--estimator", choices=list(RUN_ESTIMATORS), help="(default forward)")
     else:
         add_estimators_flag(parser, "comma-separated, run with the same seed and data order")
+    add_method_flags(parser, single_estimator)
     parser.add_argument("--tangents", type=int, help=f"K tangents per step (default {d.tangents})")
     parser.add_argument("--distribution", choices=list(DISTRIBUTIONS), help="(default normal)")
     parser.add_argument(

@@ -4,6 +4,7 @@ rank of a data-parallel job under torchrun."""
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -76,7 +77,7 @@ def _start(args: argparse.Namespace, context: Context) -> TrainResult:
         ranked, record = sweep(config, args.lr_sweep, args.sweep_steps, context)
         config = replace(config, lr=ranked[0], lr_selected_by="sweep")
         record["used_lr"] = ranked[0]
-    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    created = _missing_directories(run_dir)
     try:
         result = _train(config, run_dir, context, resume, command=context.argv)
     except ForwardGradError:
@@ -91,6 +92,20 @@ def _start(args: argparse.Namespace, context: Context) -> TrainResult:
     return result
 
 
+def _missing_directories(run_dir: Path) -> list[Path]:
+    """``run_dir`` and its parents that do not exist yet, deepest first (a path the system
+    cannot even look up, e.g. a name too long, is left for ``train`` to refuse)."""
+    missing = []
+    for directory in (run_dir, *run_dir.parents):
+        try:
+            if directory.exists():
+                break
+        except OSError:
+            return []
+        missing.append(directory)
+    return missing
+
+
 def _train(
     config: TrainConfig,
     run_dir: Path,
@@ -99,15 +114,20 @@ def _train(
     command: list[str] | None = None,
 ) -> TrainResult:
     context.resume_hint = f"{PROG} train --resume {shlex.quote(str(run_dir))}"
-    return train(
-        config,
-        run_dir,
-        context.display,
-        resume=resume,
-        download=context.download,
-        command=command,
-        world=context.world,
-    )
+    try:
+        return train(
+            config,
+            run_dir,
+            context.display,
+            resume=resume,
+            download=context.download,
+            command=command,
+            world=context.world,
+        )
+    except (OSError, KeyboardInterrupt):  # os.path.isfile is False for an unusable path
+        if not os.path.isfile(run_dir / "config.json"):  # nothing to resume: rerun the command
+            context.resume_hint = shlex.join(context.argv)
+        raise
 
 
 def _run_dir(args: argparse.Namespace, config: TrainConfig, context: Context) -> tuple[Path, bool]:

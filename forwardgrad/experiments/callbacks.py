@@ -72,6 +72,12 @@ class StopRequested(Exception):
         self.signal_number = signal_number
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised like Ctrl-C's KeyboardInterrupt, where a command stops at once."""
+
+    signal_number = signal.SIGTERM
+
+
 class Callback:
     """Does nothing; a callback overrides the hooks it needs (see the module docstring)."""
 
@@ -266,16 +272,28 @@ class ProgressReport(Callback):
     def after_step(self, run: RunState, record: StepRecord) -> None:
         try:
             self.progress(self._event(run, record.done, record.values["lr"]))
+        except Terminated:
+            raise StopRequested(signal.SIGTERM) from None
         except KeyboardInterrupt:
             raise StopRequested(signal.SIGINT) from None
 
 
 class SignalStop(Callback):
-    """Stops the run after the step during which SIGINT or SIGTERM arrived."""
+    """Stops the run after the step during which SIGINT or SIGTERM arrived, or after the final
+    checkpoint or the final row if it arrived while they were being made."""
 
     def __init__(self, received: list[int]):
         self.received = received
 
-    def after_step(self, run: RunState, record: StepRecord) -> None:
+    def _check(self) -> None:
         if self.received:
             raise StopRequested(self.received[0])
+
+    def after_step(self, run: RunState, record: StepRecord) -> None:
+        self._check()
+
+    def on_train_end(self, run: RunState) -> None:
+        self._check()
+
+    def on_final_row(self, run: RunState, record: StepRecord) -> None:
+        self._check()

@@ -7,7 +7,11 @@ A checkpoint file is a small header followed by a `torch.save` payload:
     <payload>
 
 The digest lets `load_latest_checkpoint` tell a truncated or bit-flipped file from a good one,
-which `torch.load` alone does not always notice. Files are written by `files.atomic_file`, so a
+which `torch.load` alone does not always notice. It proves integrity, not authenticity: anyone who
+can write the file can write a matching digest. So the payload holds only tensors and plain
+containers (dicts, lists, numbers, strings; the RNG states too) and is read with
+`torch.load(weights_only=True)`, which builds no other object and runs no code from the file; a
+file that needs more is refused like a corrupt one. Files are written by `files.atomic_file`, so a
 crash mid-write never leaves a half-written checkpoint under a real name.
 """
 
@@ -75,7 +79,7 @@ def save_checkpoint(
 
     Args:
         directory: the checkpoint directory (created if missing).
-        state: anything `torch.save` can write.
+        state: tensors and plain containers (what `torch.load(weights_only=True)` reads back).
         step: number of updates applied when the state was captured; names the file.
         keep: how many checkpoints to keep, newest first (at least 1).
 
@@ -104,7 +108,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read one checkpoint file, checking its header and digest.
 
     Raises:
-        CheckpointError: the file is missing, truncated, altered or not a forwardgrad checkpoint.
+        CheckpointError: the file is missing, truncated, altered, not a forwardgrad checkpoint,
+            or holds objects other than tensors and plain containers.
     """
     path = Path(path)
     try:
@@ -117,9 +122,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     digest, payload = blob[len(MAGIC) : header_end - 1], blob[header_end:]
     if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
         raise CheckpointError(f"{path} is corrupt or truncated (its SHA-256 does not match).")
-    # The digest proves the bytes are the ones this library wrote; checkpoints hold numpy and
-    # Python RNG states, which need full unpickling, so only load checkpoints you made yourself.
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - untrusted bytes: any failure is a refusal
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path} was refused: it holds more than tensors and plain containers ({reason[:200]})."
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint's dict.")
+    return state
 
 
 def load_latest_checkpoint(directory: str | os.PathLike) -> LoadedCheckpoint | None:
@@ -148,17 +160,40 @@ def load_latest_checkpoint(directory: str | os.PathLike) -> LoadedCheckpoint | N
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """The global random states of torch, numpy and Python, to restore on resume."""
+    """The global random states of torch, numpy and Python as tensors and plain values (what a
+    checkpoint may hold), to restore on resume with `restore_rng_state`."""
+    # The legacy global state on purpose: it is what user code calling np.random.* draws from.
+    name, keys, position, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        # The legacy global state on purpose: it is what user code calling np.random.* draws from.
-        "numpy": np.random.get_state(),  # noqa: NPY002
-        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": int(version),
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore the global random states captured by `capture_rng_state`."""
+    numpy_state, python_state = state["numpy"], state["python"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])  # noqa: NPY002
-    random.setstate(state["python"])
+    np.random.set_state(  # noqa: NPY002
+        (
+            numpy_state["bit_generator"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
+    internal = tuple(int(value) for value in python_state["internal"].tolist())
+    random.setstate((python_state["version"], internal, python_state["gauss_next"]))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from forwardgrad.errors import ConfigurationError
-from forwardgrad.estimators import ESTIMATORS, Estimator, make_estimator
+from forwardgrad.estimators import Estimator
 from forwardgrad.experiments.checks import (
     ConfigurationTypeError,
     check_choice,
@@ -20,6 +20,13 @@ from forwardgrad.experiments.checks import (
     check_number,
 )
 from forwardgrad.experiments.datasets import DATASETS
+from forwardgrad.experiments.limits import check_limits, check_tangent_memory
+from forwardgrad.experiments.methods import (
+    RUN_ESTIMATORS,
+    check_method,
+    make_run_estimator,
+    with_local_losses,
+)
 from forwardgrad.experiments.optimizers import (
     FRANK_WOLFE,
     OPTIMIZERS,
@@ -49,8 +56,15 @@ class TrainConfig:
             for test functions.
         dim: dimension of a test function (Rosenbrock in n-D; Beale is 2-D).
         data_dir: where the IDX files are; None: ``FORWARDGRAD_DATA_DIR``, else the user cache.
-        estimator: a name of ``forwardgrad.estimators.ESTIMATORS``.
+        estimator: a name of ``methods.RUN_ESTIMATORS``: the library's ``ESTIMATORS``
+            (``forward``, ``zeroth-order``, ``backprop``) and ``activity``.
         tangents, distribution, combine, eps: the estimator's settings (see ``make_estimator``).
+        tangent_rank: ``forward`` only: None (dense tangents) or r >= 1, structured tangents of
+            rank r for every matrix and conv kernel.
+        local_losses: train the model as blocks with auxiliary heads and local losses
+            (``forward``, ``activity`` or ``backprop``; mlp and cnn; see ``methods``).
+        guess: ``forward`` with local losses only: None (random tangents) or ``"local"``
+            (local guesses: each block's local-loss gradient as its direction).
         optimizer: a key of ``OPTIMIZERS``: ``sgd``, ``momentum`` (0.9), ``adam`` or
             ``frank-wolfe`` (``forwardgrad.FrankWolfe``, which needs ``constraint``).
         lr: η₀. lr_decay: k in η_i = η₀ exp(−i k); 0 keeps η constant. For ``frank-wolfe``, lr
@@ -87,6 +101,9 @@ class TrainConfig:
     distribution: str = "normal"
     combine: str = "mean"
     eps: float = 1e-3
+    tangent_rank: int | None = None
+    local_losses: bool = False
+    guess: str | None = None
     optimizer: str = "sgd"
     lr: float | str = 2e-4
     lr_decay: float = 1e-4
@@ -133,11 +150,15 @@ class TrainConfig:
                 )
         self._check_numbers()
         self._check_budget()
+        check_method(self)
+        check_limits(self)
         build_estimator(self, seed=0)
         if self.is_test_function:
             make_test_function(self.problem, self.dim)
+        model = self._meta_model()
+        check_tangent_memory(self, model)
         if self.constraint is not None:
-            self._check_constraint_fits()
+            check_constraint_fits(self.constraint, model)
         return self
 
     def _check_names(self) -> None:
@@ -146,7 +167,7 @@ class TrainConfig:
             self.dataset = None
         else:
             check_choice("dataset", self.dataset, DATASETS)
-        check_choice("estimator", self.estimator, ESTIMATORS)
+        check_choice("estimator", self.estimator, RUN_ESTIMATORS)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_selected_by", self.lr_selected_by, ("fixed", "sweep"))
 
@@ -198,26 +219,29 @@ class TrainConfig:
             )
         check_frank_wolfe_step_size(self.lr, self.lr_decay)
 
-    def _check_constraint_fits(self) -> None:
-        # Parameter shapes alone decide whether the set fits: build the model on the meta
-        # device (no memory, no RNG), so a comparison fails before its first run, not later.
+    def _meta_model(self) -> torch.nn.Module:
+        # Parameter shapes alone decide whether a constraint set fits and how much memory the
+        # tangents take: the model on the meta device (no memory, no RNG), so a comparison
+        # fails before its first run, not later.
         with torch.device("meta"):
             if self.is_test_function:
-                model = TestFunctionModel(make_test_function(self.problem, self.dim))
-            else:
-                model = make_model(self.problem, DATASETS[self.dataset].num_classes)
-        check_constraint_fits(self.constraint, model)
+                return TestFunctionModel(make_test_function(self.problem, self.dim))
+            classes = DATASETS[self.dataset].num_classes
+            model = make_model(self.problem, classes)
+            return with_local_losses(self.problem, model, classes) if self.local_losses else model
 
 
 def build_estimator(config: TrainConfig, seed: int) -> Estimator:
     """The estimator ``config`` names, with its settings, seeded with ``seed`` (the estimators
     check their own settings and refuse a bad one with a ``ConfigurationError``)."""
-    return make_estimator(
+    return make_run_estimator(
         config.estimator,
         tangents=config.tangents,
         distribution=config.distribution,
         combine=config.combine,
         eps=config.eps,
+        rank=config.tangent_rank,
+        guess=config.guess,
         seed=seed,
     )
 

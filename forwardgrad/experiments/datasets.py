@@ -4,8 +4,10 @@
 Files are the four IDX files torchvision keeps under ``<Name>/raw/``, each raw or gzip-compressed:
 ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
 ``t10k-labels-idx1-ubyte``. Where the canonical SHA-256 of a file's *decompressed* bytes is known
-(MNIST) it is checked, so any correct copy passes whatever gzip wrote it; every file is also checked
-for structure: magic number, dimensions, example count, file size and label range.
+(MNIST, Fashion-MNIST) it is checked, so any correct copy passes whatever gzip wrote it; every file
+is also checked for structure: magic number, dimensions, example count, file size and label range.
+KMNIST's decompressed hashes are not known here: a download is checked against the MD5 its
+publishers give for each ``.gz`` archive, but a copy already on disk only for its structure.
 
 Where files are looked for (first match wins), with ``base`` the explicit ``data_dir``, else the
 environment variable ``FORWARDGRAD_DATA_DIR``, else the per-user cache
@@ -109,7 +111,20 @@ DATASETS: dict[str, DatasetSpec] = {
             "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
             "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
         ),
-        sha256=None,  # canonical decompressed hashes not known here: structure is checked
+        sha256={
+            "train-images-idx3-ubyte": (
+                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+            ),
+            "train-labels-idx1-ubyte": (
+                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"
+            ),
+            "t10k-images-idx3-ubyte": (
+                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"
+            ),
+            "t10k-labels-idx1-ubyte": (
+                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"
+            ),
+        },
         gz_md5={
             "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
             "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
@@ -121,7 +136,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "kmnist": DatasetSpec(
         name="kmnist",
         mirrors=("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
-        sha256=None,  # canonical decompressed hashes not known here: structure is checked
+        # The decompressed hashes are not known here: downloads are checked by the published
+        # MD5 of each archive, copies on disk only for their structure.
+        sha256=None,
         gz_md5={
             "train-images-idx3-ubyte": "bdb82020997e1d708af4cf47b453dcf7",
             "train-labels-idx1-ubyte": "e144d726b3acfaa3e44228e80efcd344",
@@ -195,6 +212,11 @@ def _find(directory: Path, file: str) -> Path | None:
     for candidate in (directory / file, directory / f"{file}.gz"):
         if candidate.is_file():
             return candidate
+        if candidate.is_dir():
+            raise DataError(
+                f"{candidate} is a directory where a data file should be; remove it, or put "
+                "the file there."
+            )
     return None
 
 
@@ -212,6 +234,7 @@ def _download(spec: DatasetSpec, file: str, target: Path) -> torch.Tensor:
     verified before it is renamed to its final name, so an interrupted or corrupt download
     leaves nothing that a later run could find.
     """
+    created = [d for d in (target, *target.parents) if not d.exists()]
     target.mkdir(parents=True, exist_ok=True)
     errors = []
     for mirror in spec.mirrors:
@@ -221,6 +244,11 @@ def _download(spec: DatasetSpec, file: str, target: Path) -> torch.Tensor:
         except (OSError, http.client.HTTPException, DataError) as e:
             log.info("download of %s failed: %s", url, e)
             errors.append(f"{url}: {e}")
+    for directory in created:  # deepest first; a failed download leaves no empty folder
+        try:
+            directory.rmdir()
+        except OSError:
+            break
     raise DataMissing(spec.name, target, offline=False, reason="; ".join(errors))
 
 

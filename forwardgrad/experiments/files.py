@@ -71,6 +71,14 @@ def write_json(path: str | os.PathLike, values: Any) -> Path:
     return atomic_write(path, json.dumps(values, indent=2, allow_nan=False) + "\n")
 
 
+def open_for_append(path: str | os.PathLike) -> IO:
+    """``path`` opened to append text, refusing a symlink (``OSError``) so that appending never
+    writes through one to a file outside the directory; for a file ``atomic_file`` just wrote."""
+    flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    descriptor = os.open(path, flags)
+    return os.fdopen(descriptor, "a", encoding="utf-8", newline="")
+
+
 def fsync_directory(directory: str | os.PathLike) -> None:
     """Make a rename in ``directory`` durable; not possible (nor needed) on Windows."""
     try:

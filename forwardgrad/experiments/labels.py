@@ -11,11 +11,14 @@ from forwardgrad.experiments.config import TrainConfig, build_estimator, config_
 
 def run_label(config: TrainConfig | Mapping[str, Any]) -> str:
     """What a run is called in reports, e.g. "forward (K=1, normal, mean)": the estimator's own
-    description; Frank-Wolfe runs add ", Frank-Wolfe averaged" or ", Frank-Wolfe raw" (the
-    estimate fed to the oracle). ``config`` may be the values of a ``config.json``."""
+    description (structured tangents add ", rank r" inside it); runs with local losses add
+    ", local losses"; Frank-Wolfe runs add ", Frank-Wolfe averaged" or ", Frank-Wolfe raw"
+    (the estimate fed to the oracle). ``config`` may be the values of a ``config.json``."""
     if not isinstance(config, TrainConfig):
         config = config_from_dict(config)
     label = build_estimator(config, seed=0).describe()
+    if config.local_losses:
+        label += ", local losses"
     if config.is_frank_wolfe:
         label += ", Frank-Wolfe " + ("averaged" if config.fw_averaging else "raw")
     return label

@@ -149,21 +149,24 @@ def train(
         if is_main or resume:
             prepare_run_dir(run_dir, resume)
     loaded = _load_checkpoint(run_dir / CHECKPOINT_DIR, resume, is_main)
-    with torch_threads(config.threads) as threads, deferred_signals() as signals:
+    with torch_threads(config.threads) as threads:
         config.threads = threads
         run = start_run(config, run_dir, loaded, download, world)
         if is_main:
             write_config(run_dir, config, run.steps, command, run.expected_bytes, resume)
         checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, config.checkpoint_every, loaded)
-        callbacks = build_callbacks(run, progress, signals, checkpoints)
-        try:
-            final = run_steps(run, callbacks, checkpoints)
-        except TrainingDiverged as error:
-            write_summary(run, error.step, None)
-            raise
-        finally:
-            for callback in callbacks:
-                callback.close()
+        # Signals are deferred from the first step on, to stop after a checkpoint; before,
+        # there is nothing to save and a blocking read or download must stop at once.
+        with deferred_signals() as signals:
+            callbacks = build_callbacks(run, progress, signals, checkpoints)
+            try:
+                final = run_steps(run, callbacks, checkpoints)
+            except TrainingDiverged as error:
+                write_summary(run, error.step, None)
+                raise
+            finally:
+                for callback in callbacks:
+                    callback.close()
     summary = write_summary(run, run.steps, final)
     return TrainResult(run_dir=run_dir, summary=summary, resumed_from=loaded)
 
@@ -202,12 +205,21 @@ def run_steps(run: RunState, callbacks: Sequence[Callback], checkpoints: Checkpo
             saved = checkpoints.save(run, record.done)
             raise TrainingInterrupted(record.done, stop.signal_number, saved, run.run_dir) from None
     run.memory.pause()
+    try:
+        return _final_row(run, callbacks)
+    except StopRequested as stop:  # during the final checkpoint or evaluation
+        raise TrainingInterrupted(
+            run.steps, stop.signal_number, checkpoints.newest, run.run_dir
+        ) from None
+
+
+def _final_row(run: RunState, callbacks: Sequence[Callback]) -> StepRecord:
+    """The end of training (the final checkpoint), then the final row, which describes θ_steps:
+    a fresh mini-batch's loss and a last evaluation."""
     for callback in callbacks:
         callback.on_train_end(run)
-    # The final row describes θ_steps: a fresh mini-batch's loss and a last evaluation.
     record = StepRecord(run.steps, run.row(run.steps))
-    with torch.no_grad():
-        record.values["train_loss"] = float(run.task.closure(run.model, run.task.next_batch())())
+    record.values["train_loss"] = run.task.train_loss(run.model, run.task.next_batch())
     for callback in callbacks:
         callback.on_final_row(run, record)
     return record

@@ -22,6 +22,9 @@ class Experiment:
     ``name`` is its ``--problems`` name and output folder (default: the problem). ``runs``, if
     given, lists the runs (each a dict of TrainConfig fields, with ``estimator``) instead of one
     run per estimator of ``--estimators``; runs of estimators not in ``--estimators`` are skipped.
+    ``companions`` are runs made beside those at the paper's learning rate only (no sweep), each
+    when its estimator is among ``--estimators``: the rank-1 structured forward gradient beside
+    the dense one, with the same seed and lr.
     """
 
     problem: str
@@ -30,6 +33,7 @@ class Experiment:
     sweep_candidates: tuple[float, ...]
     name: str = ""
     runs: tuple[dict, ...] = ()
+    companions: tuple[dict, ...] = ()
 
     def __post_init__(self):
         if not self.name:
@@ -48,6 +52,14 @@ class Experiment:
         """What each run changes (at least its estimator), for the estimators asked for."""
         runs = self.runs or [{"estimator": name} for name in dict.fromkeys(estimators)]
         return [run for run in runs if run["estimator"] in estimators]
+
+    def companion_settings(self, estimators: Sequence[str]) -> list[dict[str, Any]]:
+        """What each companion run changes, for those of the estimators asked for."""
+        return [run for run in self.companions if run["estimator"] in estimators]
+
+
+# Structured tangents of rank 1 beside the dense forward gradient (the cheaper step).
+RANK_1_FORWARD = ({"estimator": "forward", "tangent_rank": 1},)
 
 
 # MNIST models use the paper's setting (batch 64, SGD, η₀ = 2e-4, k = 1e-4); PAPER.md gives no
@@ -72,12 +84,14 @@ EXPERIMENTS = (
         quick={"steps": 1000, "eval_every": 250, "test_examples": 2000, "sweep_steps": 250},
         full={"epochs": 10, "eval_every": 1000, "sweep_steps": 1000},
         sweep_candidates=(2e-4, 2e-3, 2e-2, 2e-1),
+        companions=RANK_1_FORWARD,
     ),
     Experiment(
         "mlp",
         quick={"steps": 300, "eval_every": 150, "test_examples": 2000, "sweep_steps": 75},
         full={"epochs": 10, "eval_every": 1000, "sweep_steps": 1000},
         sweep_candidates=(2e-4, 2e-3, 2e-2, 2e-1),
+        companions=RANK_1_FORWARD,
     ),
     Experiment(
         "cnn",

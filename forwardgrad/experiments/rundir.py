@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from forwardgrad.errors import ConfigurationError, ForwardGradError
-from forwardgrad.experiments.files import atomic_file, write_json
-from forwardgrad.experiments.schema import CONFIG_FILE, format_cell
+from forwardgrad.experiments.files import atomic_file, open_for_append, write_json
+from forwardgrad.experiments.schema import CHECKPOINT_DIR, CONFIG_FILE, format_cell
 
 if TYPE_CHECKING:
     from forwardgrad.experiments.config import TrainConfig
@@ -47,11 +47,28 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Make a new run directory, or check that the one to resume is a run directory."""
+    try:
+        _prepare_run_dir(run_dir, resume)
+    except OSError as error:
+        if isinstance(error, NotARunDirectory):
+            raise
+        raise NotARunDirectory(
+            f"cannot use {run_dir} as a run directory: {error.strerror or error}; choose "
+            "another directory."
+        ) from None
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
     if resume:
         if not (run_dir / CONFIG_FILE).is_file():
             raise NotARunDirectory(
                 f"cannot resume {run_dir}: it has no config.json; pass the directory of an "
                 "earlier run (its --out)."
+            )
+        if (run_dir / CHECKPOINT_DIR).is_symlink():  # checkpoints are written and deleted there
+            raise NotARunDirectory(
+                f"cannot resume {run_dir}: its {CHECKPOINT_DIR} is a symlink, and a run writes "
+                "only inside its own directory; replace the link with the folder it points to."
             )
         return
     if run_dir.exists() and not run_dir.is_dir():
@@ -122,7 +139,7 @@ class MetricsLog:
             writer = csv.writer(file)
             writer.writerow(self.columns)
             writer.writerows(kept)
-        self._file = open(path, "a", newline="")
+        self._file = open_for_append(path)
         self._writer = csv.writer(self._file)
 
     def _rows_before(self, step: int) -> list[list[str]]:
@@ -132,7 +149,9 @@ class MetricsLog:
             rows = list(csv.reader(file))
         if not rows or rows[0] != self.columns:
             return []
-        return [row for row in rows[1:] if row and int(row[0]) < step]
+        # A row cut short by a full disk has fewer cells; it is dropped like the rows after it.
+        width = len(self.columns)
+        return [row for row in rows[1:] if len(row) == width and int(row[0]) < step]
 
     def write(self, values: dict[str, Any]) -> None:
         self._writer.writerow([format_cell(values.get(column)) for column in self.columns])

@@ -140,20 +140,37 @@ def start_run(
     return run
 
 
+# What every checkpoint of a run holds (``callbacks.Checkpoints.save`` writes them).
+CHECKPOINT_KEYS = (
+    "step", "elapsed_s", "step_times_s", "peak_memory_bytes", "model", "optimizer", "estimator",
+    "data", "rng",
+)  # fmt: skip
+
+
 def _restore(run: RunState, loaded: ckpt.LoadedCheckpoint) -> None:
     state = loaded.state
-    run.start, run.elapsed = int(state["step"]), float(state["elapsed_s"])
-    run.step_times, run.peak_before = list(state["step_times_s"]), int(state["peak_memory_bytes"])
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{loaded.path} lacks {', '.join(missing)}; it is not a checkpoint of a forwardgrad "
+            "run. Delete it (or the run directory) to start over."
+        )
     try:
+        run.start, run.elapsed = int(state["step"]), float(state["elapsed_s"])
+        if run.start < 0:
+            raise ValueError(f"step {run.start} is negative")
+        run.step_times = [float(value) for value in state["step_times_s"]]
+        run.peak_before = int(state["peak_memory_bytes"])
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as error:
+        run.estimator.load_state_dict(state["estimator"])
+        run.task.load_state_dict(state["data"])
+        ckpt.restore_rng_state(state["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(
-            f"{loaded.path} does not fit this run's model or optimizer ({error})."
+            f"{loaded.path} does not fit this run's model, optimizer or state ({reason})."
         ) from None
-    run.estimator.load_state_dict(state["estimator"])
-    run.task.load_state_dict(state["data"])
-    ckpt.restore_rng_state(state["rng"])
 
 
 def _warm_up(run: RunState) -> None:
@@ -220,6 +237,9 @@ def write_summary(run: RunState, steps: int, final: cb.StepRecord | None) -> dic
         problem=config.problem,
         dataset=config.dataset,
         estimator=config.estimator,
+        tangent_rank=config.tangent_rank,
+        local_losses=config.local_losses,
+        guess=config.guess,
         label=run.label,
         steps=steps,
         final_train_loss=finite_or_none(final_values.get("train_loss")),
@@ -268,12 +288,18 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+def raise_for_signal(signum: int, frame=None) -> None:
+    """A signal handler: KeyboardInterrupt for SIGINT, ``callbacks.Terminated`` for SIGTERM."""
+    raise cb.Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def deferred_signals() -> Iterator[list[int]]:
     """SIGINT and SIGTERM only set a flag, so the loop stops between steps, after a checkpoint.
 
-    A second signal stops at once (KeyboardInterrupt), for a user who does not want to wait.
-    Outside the main thread signals cannot be caught; the flag then never rises.
+    A second signal stops at once (KeyboardInterrupt, or ``callbacks.Terminated`` for SIGTERM),
+    for a user who does not want to wait. Outside the main thread signals cannot be caught; the
+    flag then never rises.
     """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -282,7 +308,7 @@ def deferred_signals() -> Iterator[list[int]]:
 
     def handler(signum, frame):
         if received:
-            raise KeyboardInterrupt
+            raise_for_signal(signum)
         received.append(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -71,6 +71,9 @@ class Summary:
     problem: str | None = None
     dataset: str | None = None
     estimator: str | None = None
+    tangent_rank: int | None = None
+    local_losses: bool = False
+    guess: str | None = None
     label: str | None = None
     steps: int | None = None
     final_train_loss: float | None = None

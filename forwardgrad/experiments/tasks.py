@@ -2,7 +2,8 @@
 turns a batch into the closure the estimators call, and evaluates.
 
 Every task has ``steps_per_epoch()``, ``make_model(config)``, ``next_batch()``,
-``closure(model, batch)``, ``gap_closure(model)`` (the fixed objective Frank-Wolfe gaps are measured
+``closure(model, batch)``, ``train_loss(model, batch)`` (the number logged for the final
+parameters), ``gap_closure(model)`` (the fixed objective Frank-Wolfe gaps are measured
 on), ``evaluate(model)`` (``(loss, accuracy)`` or None), ``position(model)`` (the extra
 ``metrics.csv`` columns of a test function) and ``state_dict``/``load_state_dict`` (the data
 order, for exact resume).
@@ -26,6 +27,12 @@ from forwardgrad.experiments.batches import (
 )
 from forwardgrad.experiments.config import TrainConfig
 from forwardgrad.experiments.datasets import load_dataset
+from forwardgrad.experiments.methods import (
+    logged_loss,
+    loss_kind,
+    make_closure,
+    with_local_losses,
+)
 from forwardgrad.experiments.problems import (
     TestFunction,
     TestFunctionModel,
@@ -45,6 +52,7 @@ class Task(Protocol):
     def make_model(self, config: TrainConfig) -> nn.Module: ...
     def next_batch(self) -> Any: ...
     def closure(self, model: nn.Module, batch: Any) -> Callable[[], torch.Tensor]: ...
+    def train_loss(self, model: nn.Module, batch: Any) -> float: ...
     def gap_closure(self, model: nn.Module) -> Callable[[], torch.Tensor]: ...
     def evaluate(self, model: nn.Module) -> tuple[float, float] | None: ...
     def position(self, model: nn.Module) -> dict[str, float]: ...
@@ -57,6 +65,8 @@ class ImageClassification:
     (or on a held-out part of the train split when ``validation_fraction`` > 0).
 
     Pixels are normalised with the mean and standard deviation of the training examples only.
+    The closure is the one the run's estimator takes (``methods.loss_kind``: the mean loss, one
+    loss per example, or the table of local losses of a model with ``local_losses``).
     """
 
     def __init__(self, config: TrainConfig, download: bool = True):
@@ -77,6 +87,7 @@ class ImageClassification:
         self.images, self.labels = normalize(train_images, mean, std), train_labels
         self.eval_images, self.eval_labels = normalize(eval_images, mean, std), eval_labels
         self.num_classes = data.num_classes
+        self.loss_kind = loss_kind(config)
         self.batches = ShuffledBatches(len(train_labels), config.batch_size, config.seed)
         self._epoch: Iterator[torch.Tensor] | None = None
 
@@ -84,7 +95,10 @@ class ImageClassification:
         return len(self.batches)
 
     def make_model(self, config: TrainConfig) -> nn.Module:
-        return make_model(config.problem, self.num_classes)
+        model = make_model(config.problem, self.num_classes)
+        if config.local_losses:
+            return with_local_losses(config.problem, model, self.num_classes)
+        return model
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._epoch is None:
@@ -101,10 +115,14 @@ class ImageClassification:
         images, labels = self.images[:GAP_EXAMPLES], self.labels[:GAP_EXAMPLES]
         return lambda: F.cross_entropy(model(images), labels)
 
-    @staticmethod
-    def closure(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
+    def closure(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]):
         images, labels = batch
-        return lambda: F.cross_entropy(model(images), labels)
+        return make_closure(self.loss_kind, model, images, labels)
+
+    @torch.no_grad()
+    def train_loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """The loss the run's estimator returns, for ``batch``."""
+        return logged_loss(self.loss_kind, self.closure(model, batch)())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> tuple[float, float]:
@@ -154,6 +172,11 @@ class TestFunctionTask:
     @staticmethod
     def closure(model: nn.Module, batch: None):
         return model
+
+    @staticmethod
+    @torch.no_grad()
+    def train_loss(model: nn.Module, batch: None) -> float:
+        return float(model())
 
     @staticmethod
     def gap_closure(model: nn.Module) -> Callable[[], torch.Tensor]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from forwardgrad.errors import EstimatorError, UnsupportedOperation
 from forwardgrad.jvp import checks
-from forwardgrad.jvp.general import general_derivatives, locate_failure
+from forwardgrad.jvp.general import BLOCK_VALUES, general_derivatives, locate_failure
 from forwardgrad.jvp.replay import Replay
 from forwardgrad.jvp.routes import forward_mode_context
 from forwardgrad.jvp.stacked import TangentReused, Unsupported, stacked_derivatives
@@ -150,24 +150,26 @@ def _fast(model, closure, source, state, replay, vector) -> Directional:
 
 
 def _stacked(model, closure, source, state, replay, check_rules):
+    buffers = list(model.buffers()) if check_rules else ()
     if not state.keeps_relu_inputs:
         try:
-            value, tangent, _ = stacked_derivatives(closure, source, True, check_rules)
+            value, tangent, _ = stacked_derivatives(closure, source, True, check_rules, buffers)
             return value, tangent
         except TangentReused:
             state.keeps_relu_inputs = True
             _reset(source, replay)
-    value, tangent, _ = stacked_derivatives(closure, source, False, check_rules)
+    value, tangent, _ = stacked_derivatives(closure, source, False, check_rules, buffers)
     return value, tangent
 
 
 def _reference(model, closure, source, replay, count) -> torch.Tensor | None:
     """The general path's derivatives along the first ``count`` tangents, from the state the
-    fast pass started in; the model is left as after the fast pass (one forward)."""
+    fast pass started in; the model is left as after the fast pass (one forward). Its linear
+    layers run by blocks, so that the check does not raise the step's peak memory."""
     after = Replay(model)
     replay.rewind()
     try:
-        value, tangent = general_derivatives(closure, source, replay, count)
+        value, tangent = general_derivatives(closure, source, replay, count, BLOCK_VALUES)
         reference = _derivatives(checks.as_tensor(value), tangent, count)
     except Exception:  # the general path cannot run this closure: trust the fast one
         reference = None

@@ -93,6 +93,9 @@ def _inputs(mode, flat, batch, rows):
             continue
         sliced = rows is not None and batch is not None and value.dim() > 0
         sliced = sliced and value.shape[0] == batch and not mode.is_parameter(value)
+        # A buffer is no row of the batch, even with as many entries: batch norm's kernel
+        # would write all its running statistics into a cut copy (out of bounds).
+        sliced = sliced and not mode.is_buffer(value)
         part = value[:rows] if sliced else value
         total += part.numel() * 8
         if (rows is None or batch is None) and total > MAX_BYTES:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -80,14 +80,21 @@ class StackedTangents(TorchFunctionMode):
         reuse: may relu write its output's tangent over its input's (see ``reusable``)?
         check_rules: check each rule, the first time it runs on inputs of a kind, against
             PyTorch's formula on a float64 slice of them (``jvp.rule_check``).
+        buffers: the model's buffers, which that slice never cuts (running statistics with as
+            many channels as the batch has rows are no rows of the batch).
     """
 
     def __init__(
-        self, source: TangentSource, reuse: bool = False, check_rules: bool = False
+        self,
+        source: TangentSource,
+        reuse: bool = False,
+        check_rules: bool = False,
+        buffers: Iterable[torch.Tensor] = (),
     ) -> None:
         super().__init__()
         self.source, self.count, self.reuse = source, source.count, reuse
         self.check_rules = check_rules  # check each rule's first use (``jvp.rule_check``)
+        self._buffers = {id(b) for b in buffers}
         self._checked: set = set()
         self._index = {id(p): i for i, p in enumerate(source.params)}
         self._tangents = WeakIdKeyDictionary()
@@ -110,6 +117,9 @@ class StackedTangents(TorchFunctionMode):
 
     def is_parameter(self, value: object) -> bool:
         return isinstance(value, torch.Tensor) and id(value) in self._index
+
+    def is_buffer(self, value: object) -> bool:
+        return isinstance(value, torch.Tensor) and id(value) in self._buffers
 
     def tangent(self, value: object) -> torch.Tensor | None:
         """The ``(K, *shape)`` tangent of ``value``, or ``None`` if it is a constant."""
@@ -391,6 +401,7 @@ def stacked_derivatives(
     source: TangentSource,
     reuse: bool = False,
     check_rules: bool = False,
+    buffers: Iterable[torch.Tensor] = (),
 ) -> tuple[object, torch.Tensor | None, StackedTangents]:
     """Run ``closure`` once under ``StackedTangents`` and return its value and value's tangent.
 
@@ -403,7 +414,7 @@ def stacked_derivatives(
         TangentReused: with ``reuse``, a relu input's tangent was read after relu reused it;
             the caller rewinds and runs again without ``reuse``.
     """
-    mode = StackedTangents(source, reuse, check_rules)
+    mode = StackedTangents(source, reuse, check_rules, buffers)
     mode.boundary = sys._getframe()
     with mode, inject.evaluating(mode):
         value = closure()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from forwardgrad.experiments.paper import CLAIMS, FRANK_WOLFE_CLAIM, OWN_LR, SAME_LR, Claim
 from forwardgrad.experiments.step_memory import NOISE_FLOOR_BYTES
+from forwardgrad.reporting import markdown
 from forwardgrad.reporting.runs import Run, format_number
 from forwardgrad.reporting.tables import (
     Section,
@@ -108,7 +109,7 @@ def claim_lines(problem: str, section: Section, backprop: Run | None) -> list[st
         rows.append((claim.quantity, claim.source, ours))
     if not rows:
         return []
-    which = f"forward = {pair.forward.label}" if pair.forward else "no forward run"
+    which = f"forward = {markdown.text(pair.forward.label)}" if pair.forward else "no forward run"
     lines = [
         f"Paper's claims beside ours ({which}; ratios of our own measurements in this section):",
         "",
@@ -149,7 +150,7 @@ def frank_wolfe_claim_lines(section: Section, claim: Claim = FRANK_WOLFE_CLAIM) 
         return []
     ours = f"averaged: {_at_end(averaged)}; raw: {_at_end(raw)}"
     if backprop:
-        ours += f"; backprop ({backprop.label}): {_at_end(backprop)}"
+        ours += f"; backprop ({markdown.text(backprop.label)}): {_at_end(backprop)}"
     return [
         "Paper's claim beside ours (at the end of each run):",
         "",

@@ -49,9 +49,15 @@ def _colors(labels: Iterable[str]) -> dict[str, tuple]:
     return {label: palette[i % len(palette)] for i, label in enumerate(unique)}
 
 
+def plain(text: str) -> str:
+    """``text`` as matplotlib shows it literally: a "$" from a run file would start mathtext
+    (and an unknown command in it, an error)."""
+    return text.replace("$", r"\$")
+
+
 def _curve_label(run: Run, show_lr: bool) -> str:
     label = f"{run.label}, lr {run.lr_text}" if show_lr else run.label
-    return label + " (diverged)" if run.diverged else label
+    return plain(label + " (diverged)" if run.diverged else label)
 
 
 def _plot_curve(ax, x: np.ndarray, y: np.ndarray, run: Run, color, label: str | None) -> None:
@@ -224,7 +230,7 @@ def plot_problem(sections: list[Section], out_dir: Path, prefix: str) -> list[Pa
         figure, axes = new_figure(len(sections))
         for ax, section in zip(axes, sections, strict=True):
             plot_panel(ax, section)
-            _finish(ax, f"{problem}: {section.title}", xlabel, ylabel)
+            _finish(ax, plain(f"{problem}: {section.title}"), xlabel, ylabel)
         written.append(_save(figure, out_dir / f"{prefix}{kind}.png"))
     return written
 

@@ -12,6 +12,7 @@ from forwardgrad.errors import ConfigurationError
 from forwardgrad.experiments.files import atomic_write
 from forwardgrad.experiments.labels import slug
 from forwardgrad.experiments.schema import REPORT_FILE
+from forwardgrad.reporting import markdown
 from forwardgrad.reporting.claims import claim_lines
 from forwardgrad.reporting.plots import plot_problem
 from forwardgrad.reporting.runs import find_run_dirs, read_run
@@ -61,7 +62,7 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
     )
     images = plot_problem([section], run.path, prefix="")
     lines = [
-        f"# {run.label} on {run.experiment}",
+        f"# {markdown.text(run.label)} on {markdown.text(run.experiment)}",
         "",
         settings_line([run]),
         "",
@@ -75,7 +76,8 @@ def write_run_report(run_dir: str | os.PathLike) -> Path:
     lines += _image_lines(images, run.path)
     command = run.config.get("command")
     if command:
-        lines += ["To rerun:", "", "```", shlex.join(str(part) for part in command), "```", ""]
+        rerun = shlex.join(str(part) for part in command) if isinstance(command, list) else command
+        lines += ["To rerun:", "", *markdown.code_block(str(rerun)), ""]
     return atomic_write(run.path / REPORT_FILE, "\n".join(lines))
 
 
@@ -109,7 +111,7 @@ def write_comparison_report(
     runs = [read_run(path) for path in run_dirs]
     problems = list(dict.fromkeys(run.experiment for run in runs))
     lines = [
-        f"# {title or 'forwardgrad comparison: ' + ', '.join(problems)}",
+        f"# {markdown.text(title or 'forwardgrad comparison: ' + ', '.join(problems))}",
         "",
         machine_line(runs),
         "",
@@ -138,7 +140,7 @@ def _problem_lines(problem: str, problem_runs: list, out: Path) -> list[str]:
     """One problem's part of a comparison report: its sections' tables and claims, its plots."""
     problem_sections = sections(problem_runs)
     images = plot_problem(problem_sections, out, prefix=f"{slug(problem)}_")
-    lines = [f"## {problem}", "", settings_line(problem_runs), ""]
+    lines = [f"## {markdown.text(problem)}", "", settings_line(problem_runs), ""]
     for section in problem_sections:
         # Ratios use the backprop run of the same section; else any backprop run of the problem.
         backprop = reference_run(section.runs, "backprop") or reference_run(
@@ -149,7 +151,7 @@ def _problem_lines(problem: str, problem_runs: list, out: Path) -> list[str]:
             if section.threshold is None
             else f"{section.threshold:.4g}"
         )
-        lines += [f"### {section.heading}", "", f"Loss threshold: {threshold}.", ""]
+        lines += [f"### {markdown.text(section.heading)}", "", f"Loss threshold: {threshold}.", ""]
         lines += table(section, backprop)
         if backprop is None:
             lines += ["No backprop run in this comparison, so no ratio to backprop.", ""]

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from forwardgrad.reporting import markdown
 from forwardgrad.reporting.runs import Run, format_number, last_finite
 from forwardgrad.reporting.thresholds import (
     SMOOTHING_ROWS,
@@ -65,10 +66,16 @@ def sections(runs: list[Run]) -> list[Section]:
 
 
 def reference_run(runs: Sequence[Run], estimator: str) -> Run | None:
-    """The run of that estimator to compare against: single-tangent first, as in the paper."""
+    """The run of that estimator to compare against: single-tangent first, as in the paper,
+    and among those the plain one (dense tangents, no local losses or guesses)."""
     candidates = [run for run in runs if run.estimator == estimator]
     single = [run for run in candidates if int(run.config.get("tangents") or 1) == 1]
-    return (single or candidates or [None])[0]
+    plain = [run for run in single if not any(run.config.get(k) for k in _REFINEMENTS)]
+    return (plain or single or candidates or [None])[0]
+
+
+# Settings that make a run other than the paper's estimator (structured tangents, local losses).
+_REFINEMENTS = ("tangent_rank", "local_losses", "guess")
 
 
 def ratio(numerator: float, denominator: float) -> float:
@@ -119,7 +126,7 @@ def table(section: Section, backprop: Run | None, comparison: bool = True) -> li
         if distributed:
             sent = run.bytes_communicated_per_step
             cells.append("n/a" if sent is None else f"{int(sent):,}")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(markdown.text(cell) for cell in cells) + " |")
     notes = timing_note(runs, backprop) if comparison else []
     return lines + [""] + notes + memory_note(runs)
 
@@ -197,7 +204,7 @@ def frank_wolfe_lines(section: Section) -> list[str]:
         per_step = run.metrics["fw_gap"]
         per_step = per_step[np.isfinite(per_step)][-SMOOTHING_ROWS:]
         cells = [
-            run.label,
+            markdown.text(run.label),
             format_number(exact[0] if len(exact) else math.nan),
             format_number(exact.min() if len(exact) else math.nan),
             format_number(final_exact_gap(run)),
@@ -218,7 +225,7 @@ def machine_line(runs: Sequence[Run]) -> str:
         f"torch {versions['torch']}" if versions.get("torch") else None,
         f"{config['threads']} threads" if config.get("threads") else None,
     ]
-    parts = [str(p) for p in parts if p]
+    parts = [markdown.text(p) for p in parts if p]
     return TIMING_NOTE.format(machine=f" ({', '.join(parts)})" if parts else "")
 
 
@@ -251,5 +258,12 @@ def settings_line(runs: Sequence[Run]) -> str:
                 else "test examples differ between runs"
             )
         elif len(values) == 1 and runs[0].config.get(key) is not None:
-            parts.append(f"{key.replace('_', ' ')} {runs[0].config[key]}")
-    return "Settings: " + (", ".join(parts) if parts else "not recorded") + "."
+            parts.append(f"{key.replace('_', ' ')} {markdown.text(runs[0].config[key])}")
+    line = "Settings: " + (", ".join(parts) if parts else "not recorded") + "."
+    if any(run.config.get("local_losses") for run in runs):
+        line += (
+            " Runs with local losses log as train loss the sum of their blocks' local losses "
+            "(with local guesses, the model's own loss); test loss and accuracy are the "
+            "model's own."
+        )
+    return line

@@ -17,6 +17,7 @@ from forwardgrad.experiments.step_timing import (
     is_loaded,
     is_noisy,
 )
+from forwardgrad.reporting import markdown
 from forwardgrad.reporting.runs import Run, format_number
 
 
@@ -82,7 +83,9 @@ def timing_note(runs: Sequence[Run], backprop: Run | None) -> list[str]:
         "(noisy: that band is wider than half the median). Time to threshold: steps to "
         "threshold × the run's median alternated step time.",
     ]
-    cpu = ", ".join(f"{run.label} {alternated_ratio(run, backprop)['cpu']:.2f}" for run in runs)
+    cpu = ", ".join(
+        f"{markdown.text(run.label)} {alternated_ratio(run, backprop)['cpu']:.2f}" for run in runs
+    )
     lines.append(f"CPU-time ratios to backprop (median CPU time per step): {cpu}.")
     if is_loaded(timing):
         lines.append(
@@ -117,7 +120,11 @@ def format_memory(run: Run) -> str:
 
 def memory_note(runs: Sequence[Run]) -> list[str]:
     """How peak memory was measured, said once under the table (the method names are long)."""
-    methods = {run.label: peak_memory(run)[1] for run in runs if peak_memory(run)[1]}
+    methods = {
+        markdown.text(run.label): markdown.text(peak_memory(run)[1])
+        for run in runs
+        if peak_memory(run)[1]
+    }
     if not methods:
         return []
     floor = f"n/a: below {NOISE_FLOOR_BYTES / 2**20:g} MiB, where the figure is noise"

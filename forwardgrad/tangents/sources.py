@@ -264,12 +264,15 @@ class GradTangents(StreamedSource):
         return p.grad.unsqueeze(0)
 
     def write_grads(self, coefficients: torch.Tensor) -> None:
-        """``.grad`` ← c v, in place (parameters the loss never used get their v drawn now; a
-        structured tangent no rule formed is written once, as c A Bᵀ)."""
+        """``.grad`` ← c v, in place (parameters the loss never used get their v drawn now).
+        A structured tangent is written as c A Bᵀ from its factors even where a rule drew it
+        whole, so that the bits of the step do not depend on which derivative path ran (the
+        first step in a process checks the fast path against the general one, and a resumed
+        run must end with exactly the parameters of an uninterrupted one)."""
         scale = float(coefficients.reshape(-1)[0])
         for i, p in enumerate(self.params):
             factors = self.factors(i)
-            if factors is not None and i not in self.drawn:
+            if factors is not None:
                 if not _grad_buffer_ok(p):
                     p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
                 structured.write_combination(p.grad, factors, [scale])

@@ -131,7 +131,12 @@ def materialise(factors: Factors, shape: Sequence[int]) -> torch.Tensor:
     a, b = factors
     if a.shape[2] == 1:  # outer products: bmm with inner size 1 is far slower
         return (a * b.transpose(1, 2)).view(a.shape[0], *shape)
-    return torch.bmm(a, b.transpose(1, 2)).view(a.shape[0], *shape)
+    # One mm per tangent, the product ``write_combination`` forms: bmm may sum the r terms in
+    # another order on some CPUs, and every source must give the same bits for the same seed.
+    out = a.new_empty(a.shape[0], a.shape[1], b.shape[1])
+    for k in range(a.shape[0]):
+        torch.mm(a[k], b[k].T, out=out[k])
+    return out.view(a.shape[0], *shape)
 
 
 def combined(factors: Factors, coefficients: Sequence[float] | torch.Tensor) -> Factors:

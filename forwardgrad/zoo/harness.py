@@ -184,6 +184,10 @@ class Timing:
     ratio_low: float
     ratio_high: float
     path: PathInfo
+    rank1: float = math.nan  # the same with rank-1 structured tangents (``rank=1``)
+    rank1_ratio: float = math.nan
+    rank1_low: float = math.nan
+    rank1_high: float = math.nan
 
 
 def _seconds(step: Callable[[], object], repeats: int) -> float:
@@ -201,9 +205,10 @@ def time_steps(
     seed: int = 0,
     min_seconds: float = 0.05,
 ) -> Timing:
-    """The K = 1 Rademacher forward-gradient step against a backprop step, on one thread.
+    """The K = 1 Rademacher forward-gradient step, dense and with rank-1 structured tangents,
+    against a backprop step, on one thread.
 
-    Both estimators fill ``.grad`` of the same model in train mode (no optimizer step). After a
+    The estimators fill ``.grad`` of the same model in train mode (no optimizer step). After a
     warm-up (which includes the forward gradient's first-use check), each round times both, in
     alternating order, each over enough steps to last about ``min_seconds``.
     """
@@ -212,6 +217,7 @@ def time_steps(
         instance = case.instantiate(size, dtype, seed)
         model, closure = instance.model, instance.closure
         forward_gradient = fg.ForwardGradient(1, "rademacher", seed=seed)
+        structured = fg.ForwardGradient(1, "rademacher", seed=seed, rank=1)
         backprop = fg.Backprop()
 
         def forward() -> None:
@@ -221,6 +227,7 @@ def time_steps(
         steps = {
             "forward": forward,
             "fg": lambda: forward_gradient.estimate(model, closure),
+            "rank1": lambda: structured.estimate(model, closure),
             "bp": lambda: backprop.estimate(model, closure),
         }
         for step in steps.values():  # warm-up: allocations, the first-use check
@@ -229,19 +236,26 @@ def time_steps(
         repeats = {k: max(1, math.ceil(min_seconds / _seconds(s, 1))) for k, s in steps.items()}
         times: dict[str, list[float]] = {k: [] for k in steps}
         for r in range(rounds):
-            for key in ("forward", "fg", "bp") if r % 2 == 0 else ("bp", "fg", "forward"):
+            order = list(steps) if r % 2 == 0 else list(reversed(steps))
+            for key in order:
                 times[key].append(_seconds(steps[key], repeats[key]))
         path = path_info(forward_gradient, instance)
-    ratios = [f / b for f, b in zip(times["fg"], times["bp"])]
-    low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     medians = {key: statistics.median(values) for key, values in times.items()}
+    dense, rank1 = (_ratio_spread(times[key], times["bp"]) for key in ("fg", "rank1"))
     return Timing(
         case.name,
         medians["forward"],
         medians["fg"],
         medians["bp"],
-        statistics.median(ratios),
-        low,
-        high,
+        *dense,
         path,
+        medians["rank1"],
+        *rank1,
     )
+
+
+def _ratio_spread(times: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios ``times / baseline``."""
+    ratios = [t / b for t, b in zip(times, baseline)]
+    low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return statistics.median(ratios), low, high

@@ -80,13 +80,14 @@ def format_table(rows: list[Row]) -> str:
     ratio."""
     lines = [
         "| model | family | params | forward ms | rel. err f32 | rel. err f64 | path "
-        "| fallback (first op) | FG/BP step [q1, q3] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| fallback (first op) | FG/BP step [q1, q3] | rank-1 FG/BP [q1, q3] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         t = row.timing
         forward = f"{1e3 * t.forward:.1f}" if t else "-"
         ratio = f"{t.ratio:.2f} [{t.ratio_low:.2f}, {t.ratio_high:.2f}]" if t else "-"
+        rank1 = f"{t.rank1_ratio:.2f} [{t.rank1_low:.2f}, {t.rank1_high:.2f}]" if t else "-"
         fallback = row.path.fallback or ""
         where, reason = row.general_in
         if row.path.path == "fast" and where:
@@ -98,14 +99,18 @@ def format_table(rows: list[Row]) -> str:
         lines.append(
             f"| {row.case.name} | {row.case.family} | {row.parameters / 1e6:.2f}M | {forward} "
             f"| {f32} | {f64} "
-            f"| {row.path.path or '?'} | {fallback.replace('|', '/')} | {ratio} |"
+            f"| {row.path.path or '?'} | {fallback.replace('|', '/')} | {ratio} | {rank1} |"
         )
     ratios = [r.timing.ratio for r in rows if r.timing]
+    rank1 = [r.timing.rank1_ratio for r in rows if r.timing]
     fast = sum(r.path.path == "fast" for r in rows)
     summary = (
         "rel. err: |d - d_exact| / |grad L| of one K = 1 Rademacher step, the worse of train and "
         f"eval mode. Fast path: {fast} of {len(rows)} models"
     )
     if ratios:
-        summary += f"; median FG/BP step ratio {statistics.median(ratios):.2f} over {len(ratios)}"
+        summary += (
+            f"; median FG/BP step ratio {statistics.median(ratios):.2f} dense, "
+            f"{statistics.median(rank1):.2f} with rank-1 tangents, over {len(ratios)}"
+        )
     return "\n".join(lines + ["", summary])

@@ -171,3 +171,13 @@ def test_cli_bench(tmp_path, capsys):
     assert "| logreg | 64 |" in out and "Tangent sampling" in out
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
     assert main(["bench", "--models", "resnet", "--out", str(tmp_path)]) == 2
+
+
+def test_cli_bench_zoo(tmp_path, capsys):
+    argv = ["bench", "--zoo", "--models", "embedding-bag", "--rounds", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    table = (tmp_path / "zoo.md").read_text()
+    assert "| embedding-bag |" in table and "with rank-1 tangents" in table
+    assert "| embedding-bag |" in capsys.readouterr().out
+    assert main(["bench", "--zoo", "--models", "resnet", "--out", str(tmp_path)]) == 2
+    assert "unknown zoo case 'resnet'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from forwardgrad import bench
 from forwardgrad.cli.commands import build_parser
 from forwardgrad.estimators import ESTIMATORS
 from forwardgrad.experiments import DATASETS, OPTIMIZERS, PROBLEMS, TrainConfig
+from forwardgrad.experiments.methods import RUN_ESTIMATORS
 from forwardgrad.experiments.problems import TEST_FUNCTION, Problem
 from forwardgrad.experiments.schema import ALL_METRIC_COLUMNS, Summary
 from forwardgrad.optim.constraints import CONSTRAINT_SETS, CONSTRAINT_SYNTAX, parse_constraint
@@ -36,8 +37,10 @@ def test_the_command_line_offers_what_the_registries_hold(command):
     assert offered["--distribution"] == list(DISTRIBUTIONS)
     assert offered["--combine"] == list(COMBINERS)
     assert offered["--optimizer"] == list(OPTIMIZERS)
-    if command == "train":
-        assert offered["--estimator"] == list(ESTIMATORS)
+    assert offered["--guess"] == ["local"]
+    if command == "train":  # the library's estimators, and activity perturbation
+        assert offered["--estimator"] == list(RUN_ESTIMATORS)
+        assert list(RUN_ESTIMATORS) == [*ESTIMATORS, "activity"]
 
 
 def test_every_constraint_set_is_written_and_parsed_by_its_registered_name():

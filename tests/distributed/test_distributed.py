@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -381,7 +382,7 @@ def test_a_dead_or_hung_rank_stops_the_others_within_the_timeout(ranks, how):
 # --------------------------------------------------------------------------- the command line
 
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout, whose forwardgrad the ranks import
 TRAIN_SIZE, TEST_SIZE = 96, 40
 # Run under torchrun with the tiny data set registered; on the first attempt rank 1 kills
 # itself (SIGKILL) in training step KILL_RANK1_AT_STEP, if that is set.
@@ -483,3 +484,15 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint(uninterrupted, tiny
     metrics = [(run_dir / "metrics.csv").read_text(), (uninterrupted / "metrics.csv").read_text()]
     losses = [[row.split(",")[2] for row in text.splitlines()] for text in metrics]
     assert losses[0] == losses[1]
+
+
+@pytest.mark.timeout(180)
+def test_without_restarts_the_survivor_exits_3_in_one_line(tiny_root):
+    finished = torchrun(tiny_root, tiny_root / "killed", env={"KILL_RANK1_AT_STEP": "7"})
+    assert finished.returncode == 1  # torchrun's own code when a rank fails
+    ours = [line for line in finished.stderr.splitlines() if line.startswith("forwardgrad:")]
+    assert len(ours) == 1 and "rank 0 of 2" in ours[0] and "another rank died" in ours[0]
+    # torchrun's report lists each failed rank's exit code: the survivor's is the documented 3,
+    # not -15 (torchrun's SIGTERM arriving while it shut down).
+    survivor = re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: (-?\d+)", finished.stderr)
+    assert survivor is not None and survivor.group(1) == "3", finished.stderr

@@ -171,3 +171,30 @@ def test_the_first_use_check_compares_two_tangents_and_falls_back_with_all_of_th
     reference = fg.directional_derivatives(model, lambda: model(x).sum(), source, fast=False)
     assert result.path == "general" and result.derivatives.shape == (5,)
     assert torch.allclose(result.derivatives, reference.derivatives)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_rule_check_never_cuts_running_statistics_as_rows_of_the_batch(monkeypatch, training):
+    # As many channels as rows: a check that sliced the batch's rows would cut batch norm's
+    # running statistics too, and the kernel would write past the cut copy's end.
+    torch.manual_seed(0)
+    channels = batch = 8
+    model = nn.Sequential(
+        nn.Conv2d(3, channels, 1), nn.BatchNorm2d(channels), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)
+    ).train(training)
+    x, y = torch.randn(batch, 3, 4, 4), torch.randint(0, 3, (batch,))
+    seen = []
+
+    def spy(kernel):
+        def call(x, weight, bias, running_mean, running_var, *rest):
+            seen.append((x.shape[1], running_mean.numel(), running_var.numel()))
+            return kernel(x, weight, bias, running_mean, running_var, *rest)
+
+        return call
+
+    for name in ("native_batch_norm", "batch_norm"):  # train-mode rule, F.batch_norm
+        monkeypatch.setattr(torch, name, spy(getattr(torch, name)))
+    estimator = fg.ForwardGradient(seed=0)
+    estimator.estimate(model, lambda: F.cross_entropy(model(x), y))
+    assert estimator.last_path == "fast"
+    assert seen and all(c == m == v for c, m, v in seen), seen

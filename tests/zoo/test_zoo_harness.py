@@ -112,6 +112,7 @@ def test_timing_alternates_both_steps_on_one_thread():
     assert torch.get_num_threads() == threads
     assert timing.forward > 0 and timing.forward_gradient > 0 and timing.backprop > 0
     assert timing.ratio_low <= timing.ratio <= timing.ratio_high
+    assert timing.rank1 > 0 and timing.rank1_low <= timing.rank1_ratio <= timing.rank1_high
 
 
 def test_state_table_has_a_row_per_model_and_a_summary():
@@ -122,7 +123,8 @@ def test_state_table_has_a_row_per_model_and_a_summary():
     assert lines[0].startswith("| model | family |") and lines[2].startswith(
         "| gru-lm | recurrent |"
     )
-    assert "Fast path: " in lines[-1]
+    assert "Fast path: " in lines[-1] and "with rank-1 tangents" in lines[-1]
+    assert lines[0].count("|") == lines[2].count("|")  # every header has its cell
 
 
 def test_command_line_rejects_an_unknown_model(capsys):
