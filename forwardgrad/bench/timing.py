@@ -21,11 +21,14 @@ def alternate(
     warmup: int = 2,
     budget_s: float | None = None,
     min_rounds: int = 3,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Time each callable once per round, in an order rotated every round; returns seconds.
 
     ``warmup`` rounds are run and discarded first. With ``budget_s``, timing stops after the
-    round that exceeds it, once ``min_rounds`` rounds have been timed.
+    round that exceeds it, once ``min_rounds`` rounds have been timed. With ``cpu``, the CPU
+    time of the calling thread during each timed step is appended to ``cpu[name]``: below the
+    wall time when other processes took the core.
     """
     names = list(steps)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -33,11 +36,13 @@ def alternate(
     for index in range(warmup + rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            begin = time.perf_counter()
+            begin, begin_cpu = time.perf_counter(), time.thread_time()
             steps[name]()
             elapsed = time.perf_counter() - begin
             if index >= warmup:
                 times[name].append(elapsed)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.thread_time() - begin_cpu)
         timed = index + 1 - warmup
         over = budget_s is not None and time.perf_counter() - started > budget_s
         if timed >= min_rounds and over:

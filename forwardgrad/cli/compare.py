@@ -9,6 +9,7 @@ from pathlib import Path
 
 from forwardgrad import reporting
 from forwardgrad.cli.flags import (
+    DEFAULT_THREADS,
     add_cosine_flag,
     add_data_flags,
     add_estimators_flag,
@@ -25,6 +26,7 @@ from forwardgrad.cli.runs import (
     continue_hint,
     default_out,
     run_all,
+    time_steps,
     write_reports,
 )
 from forwardgrad.experiments import paper
@@ -61,6 +63,7 @@ def run_compare(args: argparse.Namespace, context: Context) -> int:
                 plan.append(Planned(config, out / run_directory_name(config)))
     _check_plan(plan, base)
     run_dirs = run_all(plan, context)
+    time_steps(run_dirs, context)
     report = write_reports(out, run_dirs, f"forwardgrad compare: {base.problem}")
     print(f"report: {report}")
     return 0
@@ -121,6 +124,7 @@ def _reproduce_plan(args: argparse.Namespace, out: Path) -> list[Planned]:
         if experiment.name not in args.problems:
             continue
         values, sweep_steps = experiment.settings(args.full)
+        values["threads"] = DEFAULT_THREADS
         for flag in ("dataset", "data_dir", "seed", "threads", "cosine_every"):
             if getattr(args, flag) is not None:
                 values[flag] = getattr(args, flag)
@@ -176,6 +180,7 @@ def run_reproduce(args: argparse.Namespace, context: Context) -> int:
     out = args.out or default_out("reproduce")
     context.resume_hint = continue_hint(context.argv, out)
     run_dirs = run_all(_reproduce_plan(args, out), context)
+    time_steps(run_dirs, context)
     for problem in args.problems:
         mine = [d for d in run_dirs if d.parent.name == problem]
         if mine:

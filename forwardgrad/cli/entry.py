@@ -6,6 +6,7 @@ import contextlib
 import errno
 import signal
 import sys
+import textwrap
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -17,6 +18,7 @@ from forwardgrad.cli.runs import PROG, Context
 from forwardgrad.distributed import detect_launch, process_group
 from forwardgrad.errors import DistributedError, ForwardGradError
 from forwardgrad.experiments.callbacks import Terminated
+from forwardgrad.experiments.datasets import FILES, DataMissing
 from forwardgrad.experiments.loop import CheckpointWarning, TrainingDiverged, TrainingInterrupted
 from forwardgrad.experiments.runstate import raise_for_signal
 
@@ -65,6 +67,8 @@ def _main(argv: list[str]) -> int:
             return _stopped(interrupt, context)
         except TrainingDiverged as error:
             return _say(error, context, EXIT_DIVERGED, prefix="")
+        except DataMissing as error:
+            return _say(data_missing(error), context, EXIT_USAGE)
         except DistributedError as error:  # each rank says what it saw
             return _say(error, context, EXIT_DISTRIBUTED, every_rank=True)
         except ForwardGradError as error:
@@ -73,6 +77,26 @@ def _main(argv: list[str]) -> int:
             return _file_system_error(error, context)
         finally:
             display.close()
+
+
+def data_missing(error: DataMissing) -> str:
+    """The missing-data message in the command line's words (its flags), on short lines."""
+    why = "--no-download was given" if error.offline else "downloading failed"
+    files = ", ".join(FILES[:-1]) + " and " + FILES[-1]
+    lines = [
+        f"{error.name} data not found ({why}); looked in:",
+        f"  {error.directory}",
+        *textwrap.wrap(
+            f"Put {files} (raw or .gz) there, or give --data-dir DIR (or set "
+            "FORWARDGRAD_DATA_DIR) for the folder that holds them.",
+            width=88,
+            initial_indent="  ",
+            subsequent_indent="  ",
+        ),
+    ]
+    if not error.offline:
+        lines.append(f"  Download errors: {error.reason[:300]}")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+from dataclasses import replace
 from pathlib import Path
 
 from forwardgrad import reporting
 from forwardgrad.cli.flags import UsageError, add_run_flags, config_from_args
 from forwardgrad.cli.runs import PROG, Context, default_out, sweep, write_sweep_record
+from forwardgrad.errors import ForwardGradError
 from forwardgrad.experiments.config import TrainConfig, load_config
 from forwardgrad.experiments.loop import TrainResult, train
 from forwardgrad.reporting.runs import format_number
@@ -72,11 +74,36 @@ def _start(args: argparse.Namespace, context: Context) -> TrainResult:
     if args.lr_sweep:
         if not resume and run_dir.is_dir() and any(run_dir.iterdir()):  # before, not after
             raise UsageError(f"{run_dir} already holds files; choose another --out.")
-        config, record = sweep(config, args.lr_sweep, args.sweep_steps, context)
-    result = _train(config, run_dir, context, resume, command=context.argv)
-    if record is not None and context.speaks:
-        write_sweep_record(run_dir, record)
+        ranked, record = sweep(config, args.lr_sweep, args.sweep_steps, context)
+        config = replace(config, lr=ranked[0], lr_selected_by="sweep")
+        record["used_lr"] = ranked[0]
+    created = _missing_directories(run_dir)
+    try:
+        result = _train(config, run_dir, context, resume, command=context.argv)
+    except ForwardGradError:
+        # A run that failed to start leaves no empty directory behind (nor its new parents).
+        for directory in created:
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
+    finally:
+        if record is not None and context.speaks and (run_dir / "config.json").is_file():
+            write_sweep_record(run_dir, record)
     return result
+
+
+def _missing_directories(run_dir: Path) -> list[Path]:
+    """``run_dir`` and its parents that do not exist yet, deepest first (a path the system
+    cannot even look up, e.g. a name too long, is left for ``train`` to refuse)."""
+    missing = []
+    for directory in (run_dir, *run_dir.parents):
+        try:
+            if directory.exists():
+                break
+        except OSError:
+            return []
+        missing.append(directory)
+    return missing
 
 
 def _train(

@@ -249,7 +249,7 @@ def _download(spec: DatasetSpec, file: str, target: Path) -> torch.Tensor:
             directory.rmdir()
         except OSError:
             break
-    raise DataError(_missing_message(spec, target, f"downloading failed ({'; '.join(errors)})"))
+    raise DataMissing(spec.name, target, offline=False, reason="; ".join(errors))
 
 
 def _fetch(url: str, spec: DatasetSpec, file: str, final: Path) -> torch.Tensor:
@@ -267,11 +267,22 @@ def _fetch(url: str, spec: DatasetSpec, file: str, final: Path) -> torch.Tensor:
         return _load_file(Path(out.name), spec, file)
 
 
-def _missing_message(spec: DatasetSpec, directory: Path, reason: str) -> str:
-    return (
-        f"{spec.name} data not found and {reason}: put {', '.join(FILES)} (each raw or .gz) "
-        f"in {directory}, or point data_dir or FORWARDGRAD_DATA_DIR at the folder that holds them."
-    )
+class DataMissing(DataError):
+    """A data set's files are not where they were looked for and could not be downloaded.
+
+    Attributes:
+        name: the data set. directory: where they were looked for (and would be downloaded).
+        offline: True when downloading was not allowed; else why downloading failed in
+        ``reason``. The command line words the same facts with its own flags.
+    """
+
+    def __init__(self, name: str, directory: Path, offline: bool, reason: str = ""):
+        self.name, self.directory, self.offline, self.reason = name, directory, offline, reason
+        why = "download=False forbids fetching it" if offline else f"downloading failed ({reason})"
+        super().__init__(
+            f"{name} data not found and {why}: put {', '.join(FILES)} (each raw or .gz) in "
+            f"{directory}, or point data_dir or FORWARDGRAD_DATA_DIR at the folder that holds them."
+        )
 
 
 def load_dataset(
@@ -299,7 +310,7 @@ def load_dataset(
         base / spec.name,
     )
     if not download and not all(_find(directory, f) for f in FILES):
-        raise DataError(_missing_message(spec, directory, "download=False forbids fetching it"))
+        raise DataMissing(spec.name, directory, offline=True)
 
     tensors = {}
     for file in FILES:

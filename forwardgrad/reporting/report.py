@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from collections.abc import Sequence
@@ -25,6 +26,9 @@ from forwardgrad.reporting.tables import (
     table,
 )
 from forwardgrad.reporting.thresholds import threshold_rule
+
+# The runs of a comparison report in its order, so that `forwardgrad plot` redraws them alike.
+RUN_ORDER_FILE = "report_runs.json"
 
 
 def _image_lines(paths: Sequence[Path], base: Path) -> list[str]:
@@ -116,7 +120,20 @@ def write_comparison_report(
     ]
     for problem in problems:
         lines += _problem_lines(problem, [run for run in runs if run.experiment == problem], out)
+    # The order of the runs (rows, colours), for `forwardgrad plot` to draw them the same again.
+    listed = [os.path.relpath(run.path.resolve(), out.resolve()) for run in runs]
+    atomic_write(out / RUN_ORDER_FILE, json.dumps({"runs": listed}, indent=1))
     return atomic_write(out / REPORT_FILE, "\n".join(lines))
+
+
+def _in_report_order(directory: Path, found: list[Path]) -> list[Path]:
+    """``found`` (runs below ``directory``) in the order of the report written there, if any."""
+    try:
+        listed = json.loads((directory / RUN_ORDER_FILE).read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return found
+    rank = {(directory / name).resolve(): i for i, name in enumerate(listed)}
+    return sorted(found, key=lambda path: rank.get(path.resolve(), len(rank)))
 
 
 def _problem_lines(problem: str, problem_runs: list, out: Path) -> list[str]:
@@ -149,9 +166,10 @@ def plot_runs(
 ) -> list[Path]:
     """Redraw plots and reports from the logs (``forwardgrad plot RUN_DIR...``).
 
-    Every run gets its own report; several runs, or a comparison's ``--out`` directory, also get a
-    comparison report, in ``out_dir`` (default: the comparison directory given, else the runs'
-    common parent directory).
+    Every run directory named gets its own report; several runs, or a comparison's ``--out``
+    directory, get a comparison report, in ``out_dir`` (default: the comparison directory given,
+    else the runs' common parent directory), with the runs in the order (and so the colours) of
+    the report first written there.
 
     Args:
       run_dirs: run directories and/or directories holding run directories.
@@ -162,9 +180,11 @@ def plot_runs(
     """
     if not run_dirs:
         raise ConfigurationError("plot_runs needs at least one run directory; got none.")
-    runs = [run for path in run_dirs for run in find_run_dirs(path)]
+    runs = [run for path in run_dirs for run in _in_report_order(Path(path), find_run_dirs(path))]
     runs = list(dict.fromkeys(runs))
-    written = [write_run_report(run) for run in runs]
+    # Each run's own report only where that run was named: a comparison's runs keep theirs.
+    named = {Path(path).resolve() for path in run_dirs}
+    written = [write_run_report(run) for run in runs if run.resolve() in named]
     given_one_comparison = len(run_dirs) == 1 and runs != [Path(run_dirs[0])]
     if len(runs) > 1 or given_one_comparison:
         if out_dir is None:

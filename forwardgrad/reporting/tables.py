@@ -13,7 +13,19 @@ import numpy as np
 from forwardgrad.reporting import markdown
 from forwardgrad.reporting.cosines import COSINE_HEADER, cosine_note, has_cosines, mean_cosine
 from forwardgrad.reporting.runs import Run, format_number, last_finite
-from forwardgrad.reporting.thresholds import SMOOTHING_ROWS, loss_threshold, time_to_threshold
+from forwardgrad.reporting.thresholds import (
+    SMOOTHING_ROWS,
+    loss_threshold,
+    smoothed_train_loss,
+    time_to_threshold,
+)
+from forwardgrad.reporting.timing import (
+    alternated_step_s,
+    format_memory,
+    memory_note,
+    ratio_cell,
+    timing_note,
+)
 
 TIMING_NOTE = (
     "Timings were measured on this machine{machine}. Wall-clock time counts training only: "
@@ -86,25 +98,6 @@ def format_time(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
-def format_memory(run: Run) -> str:
-    peak = run.peak_memory[0]
-    return f"{peak / 2**20:.1f} MiB" if math.isfinite(peak) else "—"
-
-
-def memory_note(runs: Sequence[Run]) -> list[str]:
-    """How peak memory was measured, said once under the table (the method names are long)."""
-    methods = {
-        markdown.text(run.label): markdown.text(run.peak_memory[1])
-        for run in runs
-        if run.peak_memory[1]
-    }
-    if not methods:
-        return []
-    if len(set(methods.values())) == 1:
-        return [f"Peak memory: {next(iter(methods.values()))}.", ""]
-    return ["Peak memory: " + "; ".join(f"{k}: {v}" for k, v in methods.items()) + ".", ""]
-
-
 def table(section: Section, backprop: Run | None, comparison: bool = True) -> list[str]:
     """The markdown table; a single run's (comparison=False) has no ratio and no threshold."""
     runs = section.runs
@@ -140,7 +133,8 @@ def table(section: Section, backprop: Run | None, comparison: bool = True) -> li
         if cosines:
             cells.append(mean_cosine(run))
         lines.append("| " + " | ".join(markdown.text(cell) for cell in cells) + " |")
-    return lines + [""] + memory_note(runs) + cosine_note(runs)
+    notes = timing_note(runs, backprop) if comparison else []
+    return lines + [""] + notes + memory_note(runs) + cosine_note(runs)
 
 
 def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool) -> list[str]:
@@ -153,7 +147,7 @@ def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool
         at = "" if row is None else f" after step {int(run.metrics['step'][row])}"
         final_loss = f"diverged{at}"
     else:
-        final_loss = format_number(run.final_train_loss)
+        final_loss = format_number(final_train_loss(run))
     if test_function:
         last = format_number(run.final_distance_to_optimum, ".4g")
     else:
@@ -164,18 +158,29 @@ def _cells(run: Run, backprop: Run | None, test_function: bool, comparison: bool
         run.lr_selected_by,
         str(run.steps),
         format_time(run.median_step_time_s),
-        *([format_number(time_ratio, ".2f", missing="n/a")] if comparison else []),
+        *([ratio_cell(run, backprop, time_ratio)] if comparison else []),
         final_loss,
         last,
         format_memory(run),
     ]
 
 
+def final_train_loss(run: Run) -> float:
+    """The mean of the last ``SMOOTHING_ROWS`` logged train losses (test functions: the last
+    value): one mini-batch's loss is too noisy to compare runs by."""
+    smoothed = smoothed_train_loss(run)
+    if len(smoothed) and math.isfinite(smoothed[-1]):
+        return float(smoothed[-1])
+    return run.final_train_loss
+
+
 def _threshold_cells(run: Run, threshold: float | None) -> list[str]:
     reached = None if threshold is None else time_to_threshold(run, threshold)
     if reached is None:
         return ["not reached", "not reached"]
-    return [str(reached[0]), f"{reached[1]:.3g} s"]
+    step_s = alternated_step_s(run)  # the same load for every run, where it was measured
+    seconds = reached[0] * step_s if math.isfinite(step_s) else reached[1]
+    return [str(reached[0]), f"{seconds:.3g} s"]
 
 
 def final_exact_gap(run: Run) -> float:
@@ -249,7 +254,16 @@ def settings_line(runs: Sequence[Run]) -> str:
         if key == "dim" and not all(run.is_test_function for run in runs):
             continue  # a data set's model has no dim, whatever config.json says
         values = {json.dumps(run.config.get(key)) for run in runs}
-        if len(values) == 1 and runs[0].config.get(key) is not None:
+        if key == "test_examples" and not any(run.is_test_function for run in runs):
+            # Evaluation subsets differ between problems (e.g. 2000 images, 500 for the CNN).
+            count = runs[0].config.get(key)
+            same = len(values) == 1
+            parts.append(
+                f"test examples {count if count else 'all (the whole test set)'}"
+                if same
+                else "test examples differ between runs"
+            )
+        elif len(values) == 1 and runs[0].config.get(key) is not None:
             parts.append(f"{key.replace('_', ' ')} {markdown.text(runs[0].config[key])}")
     line = "Settings: " + (", ".join(parts) if parts else "not recorded") + "."
     if any(run.config.get("local_losses") for run in runs):

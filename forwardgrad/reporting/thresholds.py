@@ -83,5 +83,6 @@ def threshold_rule(runs: Sequence[Run]) -> str:
         f"that did not diverge and lowered it by at least {MIN_IMPROVEMENT:.0%}. Steps and time "
         "to threshold: the first logged step where that loss is at or below it, and the training "
         "time so far, which includes one-time costs of the first steps that the median time "
-        "per iteration leaves out. Final train loss: the last logged value."
+        f"per iteration leaves out. Final train loss: the mean of the last {SMOOTHING_ROWS} logged "
+        "mini-batch losses (test functions: the last value)."
     )

@@ -299,7 +299,6 @@ BAD_INPUTS = {
         "orthogonal",
     ],  # fmt: skip
     "bad sweep list": ["train", "--problem", "beale", "--lr-sweep", "0.1,-2"],
-    "missing data": ["train", "--dataset", "tiny", "--data-dir", "{empty}", "--no-download"],
     "corrupt data": ["train", "--dataset", "tiny", "--steps", "2", "{corrupt}"],
     "resume missing dir": ["train", "--resume", "{tmp}/nowhere"],
     "resume with settings": ["train", "--lr", "0.1", "--resume", "{done}"],
@@ -313,7 +312,6 @@ EXPECTED_WORDS = {
     "negative lr": "lr must be",
     "batch 0": "batch_size",
     "tangents 0": "tangents",
-    "missing data": "tiny data not found",
     "corrupt data": "truncated or corrupt",
     "resume missing dir": "no config.json",
     "resume with settings": "drop --lr",

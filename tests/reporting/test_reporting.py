@@ -170,10 +170,10 @@ def test_run_report_writes_pngs_and_table(tmp_path):
     assert row["estimator"] == "forward (K=1, normal, mean)"
     assert row["median time / iteration"] == "4 ms"
     assert "time ÷ backprop" not in row  # no ratio without a backprop run beside it
-    assert row["final train loss"] == f"{losses[-1]:.4g}"
+    assert row["final train loss"] == f"{losses[-SMOOTHING_ROWS:].mean():.4g}"  # smoothed
     assert row["test accuracy"] == "0.800"
     assert row["peak memory"] == "100.0 MiB"
-    assert "Peak memory: rss." in report
+    assert "Peak memory: rss; n/a: below 1 MiB" in report
     assert "Wall-clock time counts training only" in report
     assert "forwardgrad train --problem mlp --estimator forward" in report
 
@@ -385,13 +385,8 @@ def test_plot_runs_redraws_a_comparison_directory(tmp_path):
     make_run(out / "forward")
     make_run(out / "backprop", estimator="backprop")
     written = plot_runs([out])
-    assert written == [
-        out / "backprop" / "report.md",
-        out / "forward" / "report.md",
-        out / "report.md",
-    ]
-    assert all(path.is_file() for path in written)
-    assert_valid_png(out / "forward" / "loss_vs_steps.png")
+    assert written == [out / "report.md"]  # the runs' own reports are not rewritten
+    assert not (out / "forward" / "report.md").exists()
     assert_valid_png(out / "mlp_loss_vs_steps.png")
     # A single run directory gets only its own report.
     assert plot_runs([out / "forward"]) == [out / "forward" / "report.md"]
@@ -430,3 +425,85 @@ def test_distributed_runs_show_bytes_all_reduced_per_step(tmp_path):
 def test_single_process_runs_have_no_bytes_column(tmp_path):
     runs = [make_run(tmp_path / e, estimator=e) for e in ("forward", "backprop")]
     assert "bytes all-reduced" not in write_comparison_report(tmp_path, runs).read_text()
+
+
+def write_step_timing(directory: Path, cpu_share: float, ratios: dict[str, tuple]) -> None:
+    """A comparison's step_timing.json: run name -> (wall median, p10, p90, cpu ratio)."""
+    runs = {
+        name: {
+            "label": name,
+            "wall_s": {"median": 0.01 * m, "p10": 0.01 * lo, "p90": 0.01 * hi},
+            "cpu_s": {"median": 0.01 * c, "p10": 0.01 * c, "p90": 0.01 * c},
+            "ratio_to": {"bp": {"median": m, "p10": lo, "p90": hi, "cpu": c}},
+        }
+        for name, (m, lo, hi, c) in ratios.items()
+    }
+    timing = {"method": "alternated", "threads": 1, "rounds": 40, "cpu_share": cpu_share}
+    (directory / "step_timing.json").write_text(json.dumps({**timing, "runs": runs}))
+
+
+@pytest.mark.parametrize("cpu_share", [0.3, 0.98])
+def test_time_ratio_comes_from_the_alternated_steps_and_a_loaded_machine_is_flagged(
+    tmp_path, cpu_share
+):
+    # The runs' own medians (0.2 s against 0.01 s) say 20; the alternated steps say 1.9.
+    runs = [
+        make_run(tmp_path / "fwd", median_step_time=0.2, losses=np.linspace(2, 1, 50)),
+        make_run(tmp_path / "bp", estimator="backprop", losses=np.linspace(2, 0.5, 50)),
+    ]
+    write_step_timing(tmp_path, cpu_share, {"fwd": (1.9, 1.5, 2.6, 1.95), "bp": (1, 1, 1, 1)})
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    rows = table_rows(report)
+    assert row_for(rows, "forward")["time ÷ backprop"] == "1.90 (1.50–2.60) noisy"
+    assert row_for(rows, "forward")["median time / iteration"] == "200 ms"  # kept, per run
+    # Time to threshold: steps to it × the alternated step time (49 × 19 ms), not the run's own.
+    assert row_for(rows, "forward")["time to threshold"] == f"{49 * 0.019:.3g} s"
+    claims = {row["quantity"]: row for row in table_rows(report, first_header="quantity")}
+    assert claims["time per iteration, forward ÷ backprop"]["this comparison"] == "1.90 (1.50–2.60)"
+    assert "CPU-time ratios to backprop" in report and "fwd 1.95" not in report
+    assert ("**The machine was loaded**" in report) == (cpu_share < 0.8)
+    assert ("Machine not loaded" in report) == (cpu_share >= 0.8)
+
+
+def test_without_alternated_timing_the_report_says_the_ratio_is_of_separate_runs(tmp_path):
+    runs = [make_run(tmp_path / "fwd"), make_run(tmp_path / "bp", estimator="backprop")]
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    assert "taken at different moments" in report
+
+
+def test_memory_from_the_step_probe_and_n_a_below_the_noise_floor(tmp_path):
+    runs = [
+        make_run(tmp_path / "fwd", peak_memory=300 * 2**20),
+        make_run(tmp_path / "bp", estimator="backprop", peak_memory=20_000),
+    ]
+    write_step_timing(tmp_path, 1.0, {"fwd": (2, 2, 2, 2), "bp": (1, 1, 1, 1)})
+    # The runs' own figures (300 MiB against 20 KB) would give a ratio of noise: n/a instead.
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    rows = table_rows(report)
+    assert row_for(rows, "backprop")["peak memory"] == "n/a"
+    claims = {row["quantity"]: row for row in table_rows(report, first_header="quantity")}
+    assert claims["peak memory, forward ÷ backprop"]["this comparison"].startswith("n/a")
+    # The step probe's figures, where they exist, replace the runs' own.
+    timing = json.loads((tmp_path / "step_timing.json").read_text())
+    timing["runs"]["fwd"]["step_peak_bytes"] = 9 * 2**20
+    timing["runs"]["bp"]["step_peak_bytes"] = 8 * 2**20
+    (tmp_path / "step_timing.json").write_text(json.dumps(timing))
+    report = write_comparison_report(tmp_path / "out", runs).read_text()
+    rows = table_rows(report)
+    assert [row_for(rows, k)["peak memory"] for k in ("forward", "backprop")] == [
+        "9.0 MiB",
+        "8.0 MiB",
+    ]
+    claims = {row["quantity"]: row for row in table_rows(report, first_header="quantity")}
+    assert claims["peak memory, forward ÷ backprop"]["this comparison"] == "1.12"
+    assert "in a fresh process" in report
+
+
+def test_plot_keeps_the_order_of_the_original_report(tmp_path):
+    out = tmp_path / "compare"
+    runs = [make_run(out / "zz-forward"), make_run(out / "aa-backprop", estimator="backprop")]
+    first = write_comparison_report(out, runs).read_text()
+    labels = [row["estimator"] for row in table_rows(first)]
+    assert labels[0].startswith("forward")
+    (redrawn,) = plot_runs([out])
+    assert [row["estimator"] for row in table_rows(redrawn.read_text())] == labels
