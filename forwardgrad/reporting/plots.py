@@ -133,7 +133,20 @@ def _plot_accuracy(ax, section: Section, colors: dict) -> None:
         ok = np.isfinite(steps) & np.isfinite(accuracy)
         label = _curve_label(run, section.show_lr)
         ax.plot(steps[ok], accuracy[ok], "o-", color=colors[run.label], markersize=3, label=label)
+    chance = _chance_accuracy(section)
+    if chance is not None:  # and an axis from 0 to 1, so that a flat curve looks flat
+        ax.axhline(chance, color="gray", linestyle=":", linewidth=0.8, label="chance")
+        ax.set_ylim(0, 1)
     ax.set_xlim(left=0)
+
+
+def _chance_accuracy(section: Section) -> float | None:
+    """1 / the number of classes of the section's data set, if the registry knows it."""
+    from forwardgrad.experiments.datasets import DATASETS
+
+    names = {run.config.get("dataset") for run in section.runs}
+    spec = DATASETS.get(names.pop()) if len(names) == 1 else None
+    return None if spec is None else 1 / spec.num_classes
 
 
 def test_function_of(run: Run):

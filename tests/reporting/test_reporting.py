@@ -507,3 +507,14 @@ def test_plot_keeps_the_order_of_the_original_report(tmp_path):
     assert labels[0].startswith("forward")
     (redrawn,) = plot_runs([out])
     assert [row["estimator"] for row in table_rows(redrawn.read_text())] == labels
+
+
+def test_accuracy_plot_shows_chance_on_an_axis_from_0_to_1(tmp_path):
+    run_dir = make_run(tmp_path / "run", accuracies={0: 0.132, 50: 0.134, 100: 0.136})
+    run = read_run(run_dir)
+    figure, (ax,) = plots.new_figure(1)
+    plots._plot_accuracy(ax, Section("t", "h", [run], show_lr=False, threshold=None), {
+        run.label: "red"})  # fmt: skip
+    chance = [line for line in ax.get_lines() if line.get_label() == "chance"]
+    assert len(chance) == 1 and chance[0].get_ydata()[0] == pytest.approx(0.1)
+    assert ax.get_ylim() == (0, 1)
