@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
 import sys
 import textwrap
@@ -39,9 +40,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with _signals_stop_the_command(whole_process):
         try:
-            return _main(argv)
+            code = _main(argv)
         except KeyboardInterrupt as interrupt:  # while parsing, before anything ran
-            return _stopped(interrupt, None)
+            code = _stopped(interrupt, None)
+    if whole_process and detect_launch() is not None:
+        _end_rank(code)
+    return code
+
+
+def _end_rank(code: int) -> None:
+    """End a torchrun rank now, its files written and its process group left: C++ teardown at
+    interpreter exit sometimes aborts a rank ("terminate called without an active exception",
+    about one job in ten here), which torchrun reports as a failed rank after a finished run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _main(argv: list[str]) -> int:
