@@ -1,8 +1,9 @@
-"""Shared test helpers: tiny learnable IDX data sets (so no test needs the real MNIST), and
-readers of what a run directory holds."""
+"""Shared test helpers: tiny learnable IDX data sets (so no test needs the real MNIST),
+readers of what a run directory holds, and a reducer that stands for two identical ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 
@@ -86,3 +87,17 @@ def image_config(data_dir: Path, **changes) -> TrainConfig:
 
 # Frank-Wolfe with its own step size 2/(t+2) (add constraint=...).
 FRANK_WOLFE = {"optimizer": "frank-wolfe", "lr": "2/(t+2)", "lr_decay": 0.0}
+
+
+class Doubling:
+    """A reducer for two identical ranks: every sum is twice this process's numbers."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def sum(self, values, what):
+        self.sizes.append(values.numel())
+        return values.double() * 2
+
+    def collective(self, what):
+        return contextlib.nullcontext()

@@ -2,12 +2,11 @@
 unbiased output gradients (statistical, tolerance from the variance), the variance that
 perturbing every layer at once costs, the estimator protocol and bad input."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from exact import expected_output_gradients, output_gradients
+from helpers import Doubling
 from torch import nn
 
 import forwardgrad as fg
@@ -232,20 +231,6 @@ def test_adam_trains_with_it():
         estimator.estimate(model, per_example(model, x, y))
         optimizer.step()
     assert per_example(model, x, y)().mean().item() < 0.5 * first
-
-
-class Doubling:
-    """A reducer for two identical ranks: every sum is twice this process's numbers."""
-
-    def __init__(self):
-        self.sizes = []
-
-    def sum(self, values, what):
-        self.sizes.append(values.numel())
-        return values.double() * 2
-
-    def collective(self, what):
-        return contextlib.nullcontext()
 
 
 def test_a_data_parallel_job_sums_the_loss_and_every_gradient():

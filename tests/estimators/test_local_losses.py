@@ -2,12 +2,11 @@
 is the one computed on that block alone; activity perturbation, local backprop and local
 guesses on the same wrapper; bad blocks and bad closures."""
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 from exact import expected_output_gradients, output_gradients
+from helpers import Doubling
 from torch import nn
 
 import forwardgrad as fg
@@ -187,20 +186,6 @@ def test_every_estimator_trains_the_blocks(make, table):
         estimator.estimate(local, closure)
         optimizer.step()
     assert local.loss(x, y).item() < 0.7 * first
-
-
-class Doubling:
-    """A reducer for two identical ranks: every sum is twice this process's numbers."""
-
-    def __init__(self):
-        self.sizes = []
-
-    def sum(self, values, what):
-        self.sizes.append(values.numel())
-        return values.double() * 2
-
-    def collective(self, what):
-        return contextlib.nullcontext()
 
 
 def test_a_data_parallel_job_sums_each_blocks_loss_and_derivatives():

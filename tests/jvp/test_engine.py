@@ -97,16 +97,19 @@ def test_a_first_layer_is_checked_on_a_slice_of_its_batch(monkeypatch):
     assert seen and all(shape[0] == rule_check.ROWS for shape in seen), seen
 
 
+class Scripted(nn.Module):
+    """A linear layer then a TorchScript activation, which the stacked evaluation cannot see."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.activation = torch.jit.script(torch.nn.Tanh())
+
+    def forward(self, x):
+        return self.activation(self.linear(x))
+
+
 def test_the_fallback_is_reported_once_and_kept():
-    class Scripted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(3, 3)
-            self.activation = torch.jit.script(torch.nn.Tanh())
-
-        def forward(self, x):
-            return self.activation(self.linear(x))
-
     torch.manual_seed(0)
     model = Scripted()
     x = torch.randn(4, 3)
@@ -153,15 +156,6 @@ def test_a_vector_closure_must_return_a_vector():
 
 
 def test_the_first_use_check_compares_two_tangents_and_falls_back_with_all_of_them():
-    class Scripted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = nn.Linear(3, 3)
-            self.activation = torch.jit.script(torch.nn.Tanh())
-
-        def forward(self, x):
-            return self.activation(self.linear(x))
-
     torch.manual_seed(0)
     model = Scripted()
     x = torch.randn(4, 3)
