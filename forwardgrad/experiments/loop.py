@@ -155,20 +155,27 @@ def train(
         if is_main:
             write_config(run_dir, config, run.steps, command, run.expected_bytes, resume)
         checkpoints = Checkpoints(run_dir / CHECKPOINT_DIR, config.checkpoint_every, loaded)
-        # Signals are deferred from the first step on, to stop after a checkpoint; before,
-        # there is nothing to save and a blocking read or download must stop at once.
-        with deferred_signals() as signals:
-            callbacks = build_callbacks(run, progress, signals, checkpoints)
-            try:
-                final = run_steps(run, callbacks, checkpoints)
-            except TrainingDiverged as error:
-                write_summary(run, error.step, None)
-                raise
-            finally:
-                for callback in callbacks:
-                    callback.close()
+        final = _steps_with_callbacks(run, progress, checkpoints)
     summary = write_summary(run, run.steps, final)
     return TrainResult(run_dir=run_dir, summary=summary, resumed_from=loaded)
+
+
+def _steps_with_callbacks(
+    run: RunState, progress: Callable[[Progress], None] | None, checkpoints: Checkpoints
+) -> StepRecord:
+    """``run_steps`` between the callbacks; a diverged run's summary is written before raising."""
+    # Signals are deferred from the first step on, to stop after a checkpoint; before, there
+    # is nothing to save and a blocking read or download must stop at once.
+    with deferred_signals() as signals:
+        callbacks = build_callbacks(run, progress, signals, checkpoints)
+        try:
+            return run_steps(run, callbacks, checkpoints)
+        except TrainingDiverged as error:
+            write_summary(run, error.step, None)
+            raise
+        finally:
+            for callback in callbacks:
+                callback.close()
 
 
 def _load_checkpoint(directory: Path, resume: bool, is_main: bool):
