@@ -66,7 +66,7 @@ RANK_1_FORWARD = ({"estimator": "forward", "tangent_rank": 1},)
 # quick budget (one extra backward pass each, untimed; a few seconds in all).
 COSINE_EVERY = 50
 
-# MNIST models use the paper's setting (batch 64, SGD, η₀ = 2e-4, k = 1e-4); PAPER.md gives no
+# MNIST models use the paper's setting (batch 64, SGD, η₀ = 2e-4, k = 1e-4); the paper gives no
 # iteration budget, so --full runs 10 epochs. Test functions use plain gradient-descent step
 # sizes at which backprop converges. The quick budget is sized to finish all five problems,
 # both comparisons, in about ten minutes on 2 CPU cores.

@@ -1,7 +1,7 @@
 """The paper's problems: the Beale and Rosenbrock test functions and the three MNIST models.
 
 Baydin et al., *Gradients without Backpropagation* (arXiv 2202.08587), sections on test functions
-and MNIST; the model shapes are those of PAPER.md. Test functions are plain objects; wrap one in
+and MNIST; the model shapes are the paper's. Test functions are plain objects; wrap one in
 ``TestFunctionModel`` to train it through the same ``nn.Module`` path as the networks.
 
 ``PROBLEMS`` is the registry that the training loop, the command line, the report and the
