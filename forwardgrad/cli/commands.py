@@ -56,13 +56,15 @@ def run_bench(args: argparse.Namespace, context: Context) -> int:
 
 def _run_zoo_bench(args: argparse.Namespace, context: Context) -> int:
     from forwardgrad.experiments.files import atomic_write
-    from forwardgrad.zoo.registry import CASES
+    from forwardgrad.zoo.registry import CASES, get_case
     from forwardgrad.zoo.table import format_table, state_table
 
     names = list(args.models or CASES)
-    unknown = [name for name in names if name not in CASES]
-    if unknown:
-        raise UsageError(f"unknown zoo case {unknown[0]!r}; choose from {', '.join(CASES)}.")
+    try:
+        for name in names:
+            get_case(name)
+    except ValueError as error:  # the registry's sentence for an unknown name
+        raise UsageError(str(error)) from None
     if args.rounds is not None and args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1, got {args.rounds}.")
     available = [name for name in names if CASES[name].unavailable() is None]

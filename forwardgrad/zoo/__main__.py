@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from forwardgrad.zoo.registry import CASES, SIZES
+from forwardgrad.zoo.registry import CASES, SIZES, get_case
 from forwardgrad.zoo.table import format_table, state_table
 
 
@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=SIZES, default="bench")
     parser.add_argument("--rounds", type=int, default=7, help="timing rounds (default 7)")
     args = parser.parse_args(argv)
-    unknown = [name for name in args.models if name not in CASES]
-    if unknown:
-        parser.exit(2, f"error: unknown zoo case {unknown[0]!r}; see --help for the names.\n")
+    for name in args.models:
+        try:
+            get_case(name)
+        except ValueError as error:
+            parser.exit(2, f"error: {error}\n")
     if args.rounds < 1:
         parser.exit(2, "error: --rounds must be at least 1.\n")
     skipped = [c.unavailable() for c in CASES.values() if c.unavailable()]
