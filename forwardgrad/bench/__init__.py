@@ -9,6 +9,9 @@ Method:
   alternated round by round (their order rotated each round), warm-up rounds first, then the
   median of the timed rounds. Each step is complete: estimate (or forward and backward) and the
   SGD update. Every median is also reported as a ratio to the backprop step of the same run.
+  The local-learning contenders (``local``) are activity perturbation, end to end and on local
+  losses, the forward gradient of local losses, local guesses and local backprop; those with
+  local losses step on the problems cut into blocks (the MLPs and the CNN).
 - Tangent sampling (``timing``): values per second of each distribution against torch's own
   samplers, alternated the same way, into one preallocated buffer.
 - Peak memory (``memory``): each contender in a fresh subprocess, the peak RSS of one step above
@@ -19,13 +22,18 @@ whole benchmark), ``tables`` (Markdown and the result files) and ``flags`` (the 
 """
 
 from forwardgrad.bench.contenders import (
+    ACTIVITY,
+    ACTIVITY_LOCAL,
     BACKPROP,
     BACKPROP_KEPT,
     FORWARD,
+    LOCAL_BACKPROP,
+    LOCAL_GUESS,
     ZEROTH_ORDER,
     Contender,
     deep_mlp,
     forward_gradient,
+    forward_gradient_local,
     forward_sgd,
     kept,
     make_problem,
@@ -38,9 +46,13 @@ from forwardgrad.bench.tables import to_markdown, write_results
 from forwardgrad.bench.timing import alternate, sampling_throughput, time_steps
 
 __all__ = [
+    "ACTIVITY",
+    "ACTIVITY_LOCAL",
     "BACKPROP",
     "BACKPROP_KEPT",
     "FORWARD",
+    "LOCAL_BACKPROP",
+    "LOCAL_GUESS",
     "ZEROTH_ORDER",
     "BenchConfig",
     "Contender",
@@ -49,6 +61,7 @@ __all__ = [
     "config_from_args",
     "deep_mlp",
     "forward_gradient",
+    "forward_gradient_local",
     "forward_sgd",
     "kept",
     "machine",

@@ -1,5 +1,7 @@
 """What the benchmark compares: the problems (the paper's models and deep MLPs), with one random
-MNIST-shaped batch, and the contenders, each a way to take one complete training step."""
+MNIST-shaped batch, and the contenders, each a way to take one complete training step: backprop,
+forward gradients (dense or structured, estimate or ``ForwardSGD``), zeroth-order, and the
+local learning methods (activity perturbation, local losses, local guesses, local backprop)."""
 
 from __future__ import annotations
 
@@ -11,38 +13,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from forwardgrad.errors import ConfigurationError
-from forwardgrad.estimators import make_estimator
-from forwardgrad.experiments.problems import make_model
+from forwardgrad.experiments import problems
+from forwardgrad.experiments.methods import (
+    LOCAL_BLOCKS,
+    closure_kind,
+    make_closure,
+    make_run_estimator,
+    with_local_losses,
+)
 from forwardgrad.optim.forward_sgd import ForwardSGD
 from forwardgrad.seeds import derive_seed, seeded_generator
+
+CLASSES = 10  # of every problem's random batch
 
 
 def deep_mlp(depth: int, width: int = 1024, num_classes: int = 10) -> nn.Sequential:
     """784 -> width (depth hidden layers, ReLU after each) -> classes."""
-    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(28 * 28, width), nn.ReLU()]
-    for _ in range(depth - 1):
-        layers += [nn.Linear(width, width), nn.ReLU()]
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return problems.deep_mlp(num_classes, depth, width)
 
 
 def make_problem(
     model: str, batch: int, depth: int | None = None, width: int = 1024, seed: int = 0
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A model of ``forwardgrad.experiments.problems`` (logreg, mlp, cnn) or ``deep-mlp`` of
-    ``depth`` hidden layers, with one random MNIST-shaped batch: (model, images, labels)."""
+    """A model of ``forwardgrad.experiments.problems`` (logreg, mlp, cnn, deep-mlp), the deep
+    MLP with ``depth`` hidden layers of ``width`` (default: the problem's), with one random
+    MNIST-shaped batch: (model, images, labels)."""
     torch.manual_seed(seed)
     if model == "deep-mlp":
-        if depth is None:
-            raise ConfigurationError(
-                "deep-mlp needs a depth (number of hidden layers), e.g. depth=4."
-            )
-        network = deep_mlp(depth, width)
+        network = deep_mlp(problems.DEEP_MLP_DEPTH if depth is None else depth, width)
     else:
-        network = make_model(model)
+        network = problems.make_model(model)
     generator = seeded_generator(derive_seed(seed, "batch"))
     images = torch.randn(batch, 1, 28, 28, generator=generator)
-    labels = torch.randint(0, 10, (batch,), generator=generator)
+    labels = torch.randint(0, CLASSES, (batch,), generator=generator)
     return network, images, labels
 
 
@@ -52,7 +55,7 @@ class Contender:
 
     key: str
     label: str
-    estimator: str  # forward, backprop, forward-gradient, forward-sgd, zeroth-order
+    estimator: str  # forward, backprop, forward-gradient, forward-sgd, zeroth-order, activity
     tangents: int = 1
     distribution: str = "normal"
     # Memory only: "fresh", .grad freed before the step as optimizer.zero_grad() does; "kept",
@@ -60,6 +63,14 @@ class Contender:
     grads: str = "fresh"
     # Structured tangents of this rank for matrices and conv kernels (None: dense).
     rank: int | None = None
+    # The model cut into blocks, each trained on its own auxiliary head's loss (local losses),
+    # at the problem's natural boundaries; only for problems that have them.
+    local: bool = False
+    guess: str | None = None  # "local": each block's local-loss gradient as its direction
+
+    def applies_to(self, problem: str) -> bool:
+        """Whether this contender can step on ``problem`` (local losses need blocks)."""
+        return not self.local or problem in LOCAL_BLOCKS
 
 
 FORWARD = Contender("forward", "forward only", "forward")
@@ -104,11 +115,34 @@ def forward_sgd(distribution: str = "normal", rank: int | None = None) -> Conten
 
 ZEROTH_ORDER = Contender("zeroth-order", "zeroth-order", "zeroth-order")
 
-# The contenders that step through an estimator of the registry, and its name there.
+# Local learning: activity perturbation end to end and on local losses, weight-perturbed
+# forward gradients on local losses, local guesses, and local backprop (their baseline).
+ACTIVITY = Contender("activity", "activity", "activity")
+ACTIVITY_LOCAL = Contender("activity:local", "activity + local", "activity", local=True)
+LOCAL_GUESS = Contender(
+    "forward-gradient:local-guess", "local guesses", "forward-gradient", local=True, guess="local"
+)
+LOCAL_BACKPROP = Contender("backprop:local", "local backprop", "backprop", local=True)
+
+
+def forward_gradient_local(distribution: str = "normal") -> Contender:
+    """The weight-perturbed forward gradient (K=1) of each block's local loss."""
+    return Contender(
+        f"forward-gradient:{distribution}:1:local",
+        f"FG K=1 {distribution} + local",
+        "forward-gradient",
+        1,
+        distribution,
+        local=True,
+    )
+
+
+# The contenders that step through an estimator of ``RUN_ESTIMATORS``, and its name there.
 _ESTIMATOR_OF = {
     "backprop": "backprop",
     "forward-gradient": "forward",
     "zeroth-order": "zeroth-order",
+    "activity": "activity",
 }
 
 
@@ -119,45 +153,66 @@ def make_step(
     labels: torch.Tensor,
     lr: float = 1e-4,
     seed: int = 0,
+    problem: str | None = None,
 ) -> Callable[[], None]:
-    """One full training step of ``contender`` on ``model`` (estimate and SGD update)."""
+    """One full training step of ``contender`` on ``model`` (estimate and SGD update); a
+    contender with local losses cuts ``model``, of problem ``problem``, into its blocks."""
+    kind = contender.estimator
+    if kind in ("forward", "forward-sgd") or (kind == "backprop" and contender.grads == "kept"):
+        return _plain_step(contender, model, images, labels, lr, seed)
+    if kind not in _ESTIMATOR_OF:
+        raise ConfigurationError(f"unknown contender kind {kind!r}.")
+    if contender.local:
+        if not contender.applies_to(problem or ""):
+            raise ConfigurationError(
+                f"contender {contender.key!r} trains local losses, which need a model of "
+                f"blocks: one of {', '.join(LOCAL_BLOCKS)}, not {problem!r}."
+            )
+        model = with_local_losses(problem, model, CLASSES)
+    options = {
+        "tangents": contender.tangents,
+        "distribution": contender.distribution,
+        "seed": seed,
+        "rank": contender.rank,
+        "guess": contender.guess,
+    }
+    estimator = make_run_estimator(_ESTIMATOR_OF[kind], **options)
+    closure = make_closure(
+        closure_kind(_ESTIMATOR_OF[kind], contender.local, contender.guess), model, images, labels
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+
+    def step() -> None:
+        estimator.estimate(model, closure)
+        optimizer.step()
+
+    return step
+
+
+def _plain_step(contender, model, images, labels, lr, seed) -> Callable[[], None]:
+    """The steps that need no estimator: forward only, ``ForwardSGD`` and backprop on kept
+    ``.grad`` buffers."""
 
     def closure() -> torch.Tensor:
         return F.cross_entropy(model(images), labels)
 
-    kind = contender.estimator
-    if kind == "forward":
+    if contender.estimator == "forward":
 
         def step() -> None:
             with torch.no_grad():
                 closure()
 
         return step
-    if kind == "forward-sgd":
+    if contender.estimator == "forward-sgd":
         sgd = ForwardSGD(
             model, lr, contender.tangents, contender.distribution, seed=seed, rank=contender.rank
         )
         return lambda: sgd.step(closure)
-    if kind == "backprop" and contender.grads == "kept":
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=False)
-            closure().backward()
-            optimizer.step()
-
-        return step
-    if kind not in _ESTIMATOR_OF:
-        raise ConfigurationError(f"unknown contender kind {kind!r}.")
-    options = {"tangents": contender.tangents, "seed": seed}
-    if kind == "forward-gradient":
-        options["distribution"] = contender.distribution
-        options["rank"] = contender.rank
-    estimator = make_estimator(_ESTIMATOR_OF[kind], **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
 
     def step() -> None:
-        estimator.estimate(model, closure)
+        optimizer.zero_grad(set_to_none=False)
+        closure().backward()
         optimizer.step()
 
     return step

@@ -73,7 +73,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument(
-        "--skip", type=_names, default=(), help=f"parts to skip, of {','.join(PARTS)}"
+        "--skip",
+        type=_names,
+        default=(),
+        help=f"parts to skip, of {','.join(PARTS)} (local: the activity-perturbation, "
+        "local-loss and local-guess contenders)",
     )
 
 

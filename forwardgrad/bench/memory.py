@@ -43,12 +43,13 @@ def memory_probe(spec: dict) -> dict:
     torch.set_num_threads(spec.get("threads") or torch.get_num_threads())
     model, images, labels = make_problem(spec["model"], spec["batch"], spec.get("depth"))
     contender = Contender(**spec["contender"])
-    make_step(contender, model, images, labels)()  # warm-up, then forget its state
+    problem = spec["model"]
+    make_step(contender, model, images, labels, problem=problem)()  # warm-up, then forget it
     if contender.grads != "kept":
         for p in model.parameters():
             p.grad = None
     gc.collect()
-    step = make_step(contender, model, images, labels, seed=1)
+    step = make_step(contender, model, images, labels, seed=1, problem=problem)
     gc.collect()
     resident = status_bytes("VmRSS")
     exact = reset_high_water_mark()
@@ -103,8 +104,9 @@ def memory_table(
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Peak memory above resident of each contender on each (model, depth, batch) problem,
-    as a ratio to the backprop step that treats ``.grad`` the same way (``Contender.grads``)."""
+    """Peak memory above resident of each contender on each (model, depth, batch) problem it
+    applies to, as a ratio to the backprop step that treats ``.grad`` the same way
+    (``Contender.grads``)."""
     references = {"fresh": BACKPROP, "kept": BACKPROP_KEPT}
     needed = [references[g] for g in dict.fromkeys(c.grads for c in contenders)]
     contenders = [*[r for r in needed if r not in contenders], *contenders]
@@ -114,12 +116,13 @@ def memory_table(
         param_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
         del network
         results = {}
-        for c in contenders:
+        applicable = [c for c in contenders if c.applies_to(model_name)]
+        for c in applicable:
             if progress:
                 kept = ", .grad kept" if c.grads == "kept" else ""
                 progress(f"memory: {model_name} depth={depth} batch={batch} {c.label}{kept}")
             results[c.key] = peak_memory(model_name, batch, c, depth, threads)
-        for c in contenders:
+        for c in applicable:
             reference = results[references[c.grads].key]["above_bytes"]
             above = results[c.key]["above_bytes"]
             rows.append(

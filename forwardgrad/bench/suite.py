@@ -12,12 +12,17 @@ from datetime import datetime, timezone
 import torch
 
 from forwardgrad.bench.contenders import (
+    ACTIVITY,
+    ACTIVITY_LOCAL,
     BACKPROP,
     BACKPROP_KEPT,
     FORWARD,
+    LOCAL_BACKPROP,
+    LOCAL_GUESS,
     ZEROTH_ORDER,
     Contender,
     forward_gradient,
+    forward_gradient_local,
     forward_sgd,
     kept,
 )
@@ -27,8 +32,9 @@ from forwardgrad.experiments.problems import PROBLEMS
 from forwardgrad.tangents import DISTRIBUTIONS
 from forwardgrad.tangents import STREAMABLE as PER_PARAMETER_DISTRIBUTIONS
 
-# The parts of the benchmark, which --skip names.
-PARTS = ("timing", "sampling", "memory")
+# The parts of the benchmark, which --skip names; "local" is the local-learning contenders
+# (activity perturbation, local losses, local guesses, local backprop) in timing and memory.
+PARTS = ("timing", "sampling", "memory", "local")
 
 
 def bench_models() -> tuple[str, ...]:
@@ -62,7 +68,7 @@ class BenchConfig:
     # Ranks of structured tangents: each adds forward-gradient (every K and distribution) and
     # ForwardSGD contenders beside the dense ones.
     ranks: tuple[int, ...] = ()
-    skip: tuple[str, ...] = field(default_factory=tuple)  # of "timing", "sampling", "memory"
+    skip: tuple[str, ...] = field(default_factory=tuple)  # of PARTS
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -85,13 +91,21 @@ class BenchConfig:
             for k in self.tangents:
                 contenders += [forward_gradient(k, d, rank) for d in self.distributions]
         contenders += [forward_sgd(self.distributions[0], rank) for rank in (None, *self.ranks)]
-        return [*contenders, ZEROTH_ORDER]
+        return [*contenders, ZEROTH_ORDER, *self.local_contenders()]
+
+    def local_contenders(self) -> list[Contender]:
+        """The local-learning contenders (each measured on the problems it applies to)."""
+        if "local" in self.skip:
+            return []
+        local = forward_gradient_local(self.distributions[0])
+        return [ACTIVITY, ACTIVITY_LOCAL, local, LOCAL_GUESS, LOCAL_BACKPROP]
 
     def memory_contenders(self) -> list[Contender]:
         distribution = self.distributions[0]
         estimate = forward_gradient(1, distribution)
         fresh = [BACKPROP, FORWARD, estimate, forward_sgd(distribution)]
         fresh += [forward_sgd(distribution, rank) for rank in self.ranks]
+        fresh += [c for c in self.local_contenders() if c is not ACTIVITY_LOCAL]
         return [*fresh, BACKPROP_KEPT, kept(estimate)]
 
 

@@ -58,15 +58,17 @@ def time_steps(
     warmup: int = 2,
     budget_s: float | None = None,
 ) -> list[dict]:
-    """Median step time of each contender on one problem, and its ratio to backprop's.
+    """Median step time of each contender that applies to the problem, and its ratio to
+    backprop's.
 
     Every contender trains its own copy of the model on the same batch.
     """
     if BACKPROP not in contenders:
         contenders = [BACKPROP, *contenders]
+    contenders = [c for c in contenders if c.applies_to(model_name)]
     model, images, labels = make_problem(model_name, batch)
     steps = {
-        c.key: make_step(c, copy.deepcopy(model), images, labels, seed=i)
+        c.key: make_step(c, copy.deepcopy(model), images, labels, seed=i, problem=model_name)
         for i, c in enumerate(contenders)
     }
     gc.collect()

@@ -102,7 +102,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset",
         choices=list(DATASETS),
-        help=f"image data set for logreg/mlp/cnn (default {TrainConfig.dataset})",
+        help=f"image data set for the MNIST models (default {TrainConfig.dataset})",
     )
     parser.add_argument(
         "--data-dir",
@@ -154,8 +154,8 @@ def add_method_flags(parser: argparse.ArgumentParser, single_estimator: bool) ->
         "--local-losses",
         action="store_true",
         default=None,
-        help="forward, activity, backprop on mlp/cnn: train blocks (each hidden layer of the "
-        f"MLP, each conv stage of the CNN) on local losses of auxiliary heads{where}",
+        help="forward, activity, backprop on mlp, deep-mlp, cnn: train blocks (each hidden "
+        f"layer of an MLP, each conv stage of the CNN) on local losses of auxiliary heads{where}",
     )
     parser.add_argument(
         "--guess",

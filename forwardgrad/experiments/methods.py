@@ -6,7 +6,7 @@ settings refine them:
 
 - ``tangent_rank`` r: ``forward`` with structured tangents of rank r on every matrix and conv
   kernel (``ForwardGradient(rank=r)``).
-- ``local_losses``: the model is cut into blocks at its natural boundaries (the MLP after each
+- ``local_losses``: the model is cut into blocks at its natural boundaries (an MLP after each
   hidden layer, the CNN after each conv stage and after its hidden linear layer), each block with
   an auxiliary linear head and a loss of its own (``LocalLosses``). Predictions are the last
   block's output, the model's own. ``forward`` and ``activity`` estimate each block from its own
@@ -83,7 +83,7 @@ def check_method(config) -> None:
         if is_test_function(problem):
             raise ConfigurationError(
                 f"{what} needs a network of layers, and {problem} is a test function with "
-                "one parameter vector; use it with logreg, mlp or cnn."
+                "one parameter vector; use it with an MNIST model such as logreg, mlp or cnn."
             )
     if config.local_losses and estimator not in LOCAL_ESTIMATORS:
         raise ConfigurationError(
@@ -200,16 +200,32 @@ def _cnn_layers(model: CNN) -> nn.Sequential:
     )  # fmt: skip
 
 
-# Each model as the nn.Sequential of its layers (sharing its parameters), the blocks (child
-# positions) of its local losses, and the heads' kind: each hidden layer of the MLP; each conv
+def _hidden_layer_blocks(layers: nn.Sequential) -> list[list[int]]:
+    """Each hidden layer of an MLP (its Linear with what comes before it and the ReLU after
+    it) as a block, then the output layer as the last."""
+    blocks, current = [], []
+    for index, layer in enumerate(layers):
+        current.append(index)
+        if isinstance(layer, nn.ReLU):
+            blocks.append(current)
+            current = []
+    return [*blocks, current] if current else blocks
+
+
+def _cnn_blocks(layers: nn.Sequential) -> list[list[int]]:
+    return [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12], [13]]
+
+
+# Each model as the nn.Sequential of its layers (sharing its parameters), its blocks (child
+# positions) for local losses, and the heads' kind: each hidden layer of an MLP; each conv
 # stage of the CNN (heads pool the 64 channels to 2x2 first), then its hidden linear layer.
-LOCAL_BLOCKS: dict[str, tuple[Callable[[nn.Module], nn.Sequential], list[list[int]], str]] = {
-    "mlp": (_mlp_layers, [[0, 1, 2], [3, 4], [5]], "linear"),
-    "cnn": (
-        _cnn_layers,
-        [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12], [13]],
-        "pool",
-    ),
+LOCAL_BLOCKS: dict[
+    str,
+    tuple[Callable[[nn.Module], nn.Sequential], Callable[[nn.Sequential], list[list[int]]], str],
+] = {
+    "mlp": (_mlp_layers, _hidden_layer_blocks, "linear"),
+    "cnn": (_cnn_layers, _cnn_blocks, "pool"),
+    "deep-mlp": (lambda model: model, _hidden_layer_blocks, "linear"),
 }
 INPUT_SHAPE = (1, 28, 28)
 
@@ -217,9 +233,14 @@ INPUT_SHAPE = (1, 28, 28)
 def with_local_losses(problem: str, model: nn.Module, num_classes: int) -> LocalLosses:
     """``model`` (an MLP or CNN of ``problems``) cut into blocks with auxiliary heads; its
     parameters are shared, so it starts from the same initialisation as the plain model."""
-    layers, blocks, head = LOCAL_BLOCKS[problem]
+    as_layers, blocks_of, head = LOCAL_BLOCKS[problem]
+    layers = as_layers(model)
     return LocalLosses(
-        layers(model), input_shape=INPUT_SHAPE, num_classes=num_classes, blocks=blocks, head=head
+        layers,
+        input_shape=INPUT_SHAPE,
+        num_classes=num_classes,
+        blocks=blocks_of(layers),
+        head=head,
     )
 
 
@@ -228,11 +249,17 @@ def with_local_losses(problem: str, model: nn.Module, num_classes: int) -> Local
 
 def loss_kind(config) -> str:
     """Which closure the run's estimator takes (see the constants above)."""
-    if config.local_losses:
-        if config.estimator == "backprop":
+    return closure_kind(config.estimator, config.local_losses, config.guess)
+
+
+def closure_kind(estimator: str, local_losses: bool, guess: str | None = None) -> str:
+    """Which closure estimator ``estimator`` of ``RUN_ESTIMATORS`` takes, with or without local
+    losses and guesses."""
+    if local_losses:
+        if estimator == "backprop":
             return LOCAL_SUM
-        return GUESS_TABLE if config.guess is not None else TABLE
-    return PER_EXAMPLE if config.estimator == "activity" else MEAN
+        return GUESS_TABLE if guess is not None else TABLE
+    return PER_EXAMPLE if estimator == "activity" else MEAN
 
 
 def make_closure(
@@ -266,6 +293,7 @@ __all__ = [
     "RUN_ESTIMATORS",
     "applies",
     "check_method",
+    "closure_kind",
     "for_estimator",
     "logged_loss",
     "loss_kind",

@@ -1,4 +1,5 @@
-"""The paper's problems: the Beale and Rosenbrock test functions and the three MNIST models.
+"""The paper's problems: the Beale and Rosenbrock test functions and the three MNIST models,
+and a deeper MLP (four hidden layers) on which local learning methods are measured.
 
 Baydin et al., *Gradients without Backpropagation* (arXiv 2202.08587), sections on test functions
 and MNIST; the model shapes are the paper's. Test functions are plain objects; wrap one in
@@ -23,6 +24,7 @@ from forwardgrad.errors import ConfigurationError
 
 __all__ = [
     "CNN",
+    "DEEP_MLP_DEPTH",
     "MLP",
     "MODELS",
     "PROBLEMS",
@@ -33,6 +35,7 @@ __all__ = [
     "TestFunctionModel",
     "beale",
     "cnn",
+    "deep_mlp",
     "logistic_regression",
     "make_model",
     "is_test_function",
@@ -233,15 +236,39 @@ def cnn(num_classes: int = 10) -> CNN:
     return CNN(num_classes)
 
 
+# Hidden layers of the ``deep-mlp`` problem: twice the paper MLP's, deep enough that the
+# variance of a weight-perturbed forward gradient, and what local losses do about it, show.
+DEEP_MLP_DEPTH = 4
+
+
+def deep_mlp(
+    num_classes: int = 10, depth: int = DEEP_MLP_DEPTH, width: int = 1024
+) -> nn.Sequential:
+    """784 -> ``depth`` hidden layers of ``width`` (ReLU after each) -> classes, as one
+    ``nn.Sequential`` (Flatten, then Linear and ReLU pairs, then the output Linear); the
+    default has 3,962,890 parameters for 10 classes."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ConfigurationError(
+            f"a deep MLP needs an integer depth (hidden layers) of at least 1, got {depth!r}."
+        )
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(INPUT_PIXELS, width), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "logreg": logistic_regression,
     "mlp": mlp,
     "cnn": cnn,
+    "deep-mlp": deep_mlp,
 }
 
 
 def make_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A freshly initialised (PyTorch default init) MNIST model by name: logreg, mlp or cnn."""
+    """A freshly initialised (PyTorch default init) MNIST model by name: logreg, mlp, cnn or
+    deep-mlp."""
     if name not in MODELS:
         raise ConfigurationError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
     return MODELS[name](num_classes)

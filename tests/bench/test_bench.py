@@ -8,6 +8,7 @@ import torch
 
 from forwardgrad import bench
 from forwardgrad.cli import main
+from forwardgrad.experiments.problems import DEEP_MLP_DEPTH
 
 
 def test_alternate_rotates_the_order_and_discards_warmup():
@@ -71,8 +72,11 @@ def test_memory_table_compares_each_regime_with_its_own_backprop():
 def test_deep_mlp_depth():
     model = bench.deep_mlp(3, width=16)
     assert sum(isinstance(m, torch.nn.Linear) for m in model) == 4  # 3 hidden layers + output
-    with pytest.raises(ValueError, match="needs a depth"):
-        bench.make_problem("deep-mlp", 2)
+    model, images, _ = bench.make_problem("deep-mlp", 2)  # the problem's own depth
+    assert sum(isinstance(m, torch.nn.Linear) for m in model) == DEEP_MLP_DEPTH + 1
+    assert images.shape == (2, 1, 28, 28)
+    with pytest.raises(ValueError, match="integer depth"):
+        bench.deep_mlp(0)
 
 
 def test_sampling_throughput_rows():

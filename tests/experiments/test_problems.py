@@ -49,7 +49,7 @@ def autograd(fn, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_problem_names():
-    assert tuple(PROBLEMS) == ("beale", "rosenbrock", "logreg", "mlp", "cnn")
+    assert tuple(PROBLEMS) == ("beale", "rosenbrock", "logreg", "mlp", "cnn", "deep-mlp")
     assert set(TEST_FUNCTIONS) | set(MODELS) == set(PROBLEMS)
 
 
@@ -165,7 +165,10 @@ def test_test_function_model_trains_through_the_module_path():
 # --------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("name, count", [("logreg", 7_850), ("mlp", 1_863_690), ("cnn", 3_333_962)])
+@pytest.mark.parametrize(
+    "name, count",
+    [("logreg", 7_850), ("mlp", 1_863_690), ("cnn", 3_333_962), ("deep-mlp", 3_962_890)],
+)
 def test_model_parameter_counts(name, count):
     assert sum(p.numel() for p in make_model(name).parameters()) == count
 
@@ -211,5 +214,6 @@ def test_models_support_forward_mode_ad(name):
 
 
 def test_make_model_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown model 'beale'; choose one of logreg, mlp, cnn"):
+    choices = "logreg, mlp, cnn, deep-mlp"
+    with pytest.raises(ValueError, match=f"unknown model 'beale'; choose one of {choices}"):
         make_model("beale")

@@ -1,0 +1,95 @@
+"""The benchmark's local-learning contenders: activity perturbation, local losses, local
+guesses and local backprop, each a complete step on the problems it applies to."""
+
+import argparse
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import forwardgrad as fg
+from forwardgrad import bench
+from forwardgrad.experiments.methods import with_local_losses
+
+LOCAL = [
+    bench.ACTIVITY_LOCAL,
+    bench.forward_gradient_local("rademacher"),
+    bench.LOCAL_GUESS,
+    bench.LOCAL_BACKPROP,
+]
+
+
+def tiny(depth=2):
+    return bench.make_problem("deep-mlp", 6, depth=depth, width=8)
+
+
+@pytest.mark.parametrize("contender", [bench.ACTIVITY, *LOCAL], ids=lambda c: c.key)
+def test_every_local_contender_moves_every_layer(contender):
+    model, images, labels = tiny()
+    before = [p.detach().clone() for p in model.parameters()]
+    bench.make_step(contender, model, images, labels, lr=0.1, problem="deep-mlp")()
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert not torch.equal(p, q)
+
+
+def test_local_backprop_steps_on_the_sum_of_the_blocks_losses():
+    model, images, labels = tiny(depth=3)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(5)  # the heads' initialisation
+    bench.make_step(bench.LOCAL_BACKPROP, model, images, labels, lr=0.1, problem="deep-mlp")()
+    torch.manual_seed(5)
+    local = with_local_losses("deep-mlp", reference, 10)
+    local.loss(images, labels).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q.detach() - 0.1 * q.grad)
+
+
+def test_activity_steps_on_each_examples_loss_with_its_seed():
+    model, images, labels = tiny()
+    reference = copy.deepcopy(model)
+    bench.make_step(bench.ACTIVITY, model, images, labels, lr=0.1, seed=3, problem="deep-mlp")()
+    fg.ActivityPerturbation(seed=3).estimate(
+        reference, lambda: F.cross_entropy(reference(images), labels, reduction="none")
+    )
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q.detach() - 0.1 * q.grad)
+
+
+def test_local_contenders_only_where_the_model_has_blocks():
+    model, images, labels = bench.make_problem("logreg", 4)
+    with pytest.raises(ValueError, match="trains local losses, which need a model of blocks"):
+        bench.make_step(bench.LOCAL_GUESS, model, images, labels, problem="logreg")
+    rows = bench.time_steps("logreg", 4, [bench.ACTIVITY, *LOCAL], rounds=1, warmup=0)
+    assert [row["contender"] for row in rows] == ["backprop", "activity"]
+    rows = bench.time_steps("mlp", 4, [bench.LOCAL_GUESS], rounds=1, warmup=0)
+    assert [row["contender"] for row in rows] == ["backprop", bench.LOCAL_GUESS.key]
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.config_from_args(parser.parse_args(list(argv)))
+
+
+def test_local_contenders_are_measured_unless_skipped():
+    config = parse("--quick")
+    assert {bench.ACTIVITY, *LOCAL} - {bench.forward_gradient_local("rademacher")} <= set(
+        config.timing_contenders()
+    )
+    assert bench.LOCAL_GUESS in config.memory_contenders()
+    skipped = parse("--quick", "--skip", "local")
+    assert not [c for c in skipped.timing_contenders() if c.local or c.estimator == "activity"]
+    assert not [c for c in skipped.memory_contenders() if c.local or c.estimator == "activity"]
+
+
+def test_memory_of_a_local_contender_in_a_fresh_process():
+    rows = bench.memory_table(
+        [("logreg", None, 8), ("deep-mlp", 2, 8)], [bench.LOCAL_GUESS], threads=1
+    )
+    assert [(row["model"], row["contender"]) for row in rows] == [
+        ("logreg", "backprop"),
+        ("deep-mlp", "backprop"),
+        ("deep-mlp", bench.LOCAL_GUESS.key),
+    ]
+    assert rows[-1]["above_resident_bytes"] >= 0
