@@ -4,10 +4,11 @@ Forward Gradient Match Backpropagation?* (ICML 2023).
 Instead of an isotropic random tangent, block l's direction is a *guess* of the global
 gradient: the gradient of its local loss, v_l = ∇_{θ_l} L_l (L_l as in ``LocalLosses``: block
 l's auxiliary head's loss on its detached input, so v_l comes from a backward pass through
-block l and its head only, never through the network). One forward-mode evaluation of the
-model's own loss L, end to end, along the G guesses at once (tangent l is v_l on block l and
-zero elsewhere) gives d_l = ∇_{θ_l} L · v_l, and block l's estimate is the projection of the
-true gradient onto its guess,
+block l and its head only, never through the network). A forward-mode evaluation of the
+model's own loss L from block l's input onward (recorded during the local pass, with the RNG
+states, so that Dropout draws the same masks) along v_l gives d_l = ∇_{θ_l} L · v_l, at the
+cost of blocks l..G only; the last block needs none (d_G = ‖v_G‖², its guess being its exact
+gradient). Block l's estimate is the projection of the true gradient onto its guess,
 
     g_l = (d_l / ‖v_l‖²) v_l = P_l ∇_{θ_l} L,     P_l = v_l v_lᵀ / ‖v_l‖².
 
@@ -23,6 +24,7 @@ heads are not part of L: each head takes its exact local gradient, v for its own
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -49,28 +51,68 @@ def local_guess_estimate(
     group_of, count = group_of_parameters(model, params)
     heads = {id(p) for group in groups for p in group.head}
     replay = Replay(model)  # the guesses' forward and L's count as one forward
-    guesses = _local_gradients(closure, params, count)
-    replay.rewind()
+    staggered = hasattr(model, "recording_entries") and hasattr(model, "starting_at")
+    with model.recording_entries() if staggered else contextlib.nullcontext() as entries:
+        value, guesses = _local_gradients(closure, params, count)
+    after = Replay(model)  # as after one forward: what the model is left as
     body = [i for i, p in enumerate(params) if id(p) not in heads]
+    derive = _block_by_block if staggered else _jointly
+    derivatives = derive(
+        estimator, model, closure, replay, entries, [(i, params[i], guesses[i]) for i in body],
+        group_of, count,
+    )  # fmt: skip
+    after.rewind()
+    check_finite(value, derivatives)
+    squared = torch.zeros(count, dtype=torch.float64)  # ‖v_l‖²
+    for i in body:
+        flat = guesses[i].reshape(-1)
+        squared[group_of[i]] += float(flat @ flat)
+    scale = torch.where(squared > 0, derivatives.double().cpu() / squared, 0.0)
+    for i, (p, g) in enumerate(zip(params, guesses)):
+        if id(p) not in heads:
+            g.mul_(float(scale[group_of[i]]))  # the guesses are this step's own tensors
+    write_grads(params, guesses)
+    return value
+
+
+def _block_by_block(estimator, model, closure, replay, entries, body, group_of, count):
+    """d_l block by block, each from block l's recorded input: L evaluated from block l on,
+    along v_l alone, costs the blocks after l only (all G at once would carry G tangents
+    through every block, most of them zero). The last block's guess is its exact gradient,
+    so d_G = ‖v_G‖² needs no evaluation. The full evaluation (l = 1) runs first, so that the
+    first use of the fast path is checked on every operation."""
+    derivatives = torch.zeros(count, dtype=torch.float64)
+    last = [g for i, _, g in body if group_of[i] == count - 1]
+    derivatives[count - 1] = sum(float(g.reshape(-1) @ g.reshape(-1)) for g in last)
+    for block in range(count - 1):
+        members = [(p, g.unsqueeze(0)) for i, p, g in body if group_of[i] == block]
+        if not members:
+            continue
+        replay.rewind()
+        source = GivenTangents([p for p, _ in members], [g for _, g in members])
+        start = model.starting_at(block, entries[block]) if block else contextlib.nullcontext()
+        with model.end_to_end(), start:
+            result = directional_derivatives(
+                model, _model_loss(closure, count), source, fast=estimator.fast
+            )
+        estimator.last_path, estimator.last_fallback = result.path, result.fallback
+        derivatives[block] = float(result.derivatives[0])
+    return derivatives
+
+
+def _jointly(estimator, model, closure, replay, entries, body, group_of, count):
+    """d_l for every block in one evaluation of L along G tangents, tangent l being v_l on
+    block l and zero elsewhere: for models with loss groups that cannot start at a block."""
+    replay.rewind()
     source = _guess_tangents(
-        [params[i] for i in body], [guesses[i] for i in body], [group_of[i] for i in body], count
+        [p for _, p, _ in body], [g for *_, g in body], [group_of[i] for i, *_ in body], count
     )
     with model.end_to_end():
         result = directional_derivatives(
             model, _model_loss(closure, count), source, fast=estimator.fast
         )
     estimator.last_path, estimator.last_fallback = result.path, result.fallback
-    check_finite(result.value, result.derivatives)
-    squared = torch.zeros(count, dtype=torch.float64)  # ‖v_l‖²
-    for i in body:
-        squared[group_of[i]] += guesses[i].double().pow(2).sum().cpu()
-    scale = torch.where(squared > 0, result.derivatives.double().cpu() / squared, 0.0)
-    grads = [
-        g if id(p) in heads else g * float(scale[group_of[i]])
-        for i, (p, g) in enumerate(zip(params, guesses))
-    ]
-    write_grads(params, grads)
-    return result.value
+    return result.derivatives.double().cpu()
 
 
 def _guess_tangents(params, guesses, group_of, count: int) -> GivenTangents:
@@ -97,9 +139,10 @@ def _check_model(estimator, model: nn.Module):
     return groups
 
 
-def _local_gradients(closure, params, count: int) -> list[torch.Tensor]:
-    """Each parameter's gradient of its own group's loss, by a backward pass through its block
-    and head only (the blocks' inputs are detached)."""
+def _local_gradients(closure, params, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """L, the table's last row (the model's own loss: the last block's input is detached, its
+    value is the same), and each parameter's gradient of its own group's loss, by a backward
+    pass through its block and head only (the blocks' inputs are detached)."""
     table = LossTable(guarded(closure), count, per_example=False)
     with torch.enable_grad():
         values = table()
@@ -107,7 +150,8 @@ def _local_gradients(closure, params, count: int) -> list[torch.Tensor]:
         total = objective(values, table.rows).sum()
         check_finite(total.detach())
         grads = torch.autograd.grad(total, params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    value = objective(values.detach(), table.rows)[-1]
+    return value, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
 def _model_loss(closure, count: int) -> Callable[[], torch.Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +26,17 @@ from torch import nn
 
 from forwardgrad.errors import ConfigurationError
 from forwardgrad.estimators.tables import LossGroup
+from forwardgrad.jvp.replay import restore_rng_states, rng_states
 
 HEADS = ("linear", "pool")
+
+
+@dataclass(frozen=True)
+class BlockEntry:
+    """What a block started from in one evaluation: its input (detached) and the RNG states."""
+
+    input: torch.Tensor
+    rng: tuple
 
 
 class LocalLosses(nn.Module):
@@ -90,6 +100,8 @@ class LocalLosses(nn.Module):
             self.heads.to(device=reference.device, dtype=reference.dtype)
         self.criterion = loss or _cross_entropy
         self._detach = True
+        self._entries: list[BlockEntry] | None = None  # recorded by ``recording_entries``
+        self._start: tuple[int, torch.Tensor] | None = None  # set by ``starting_at``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The prediction: the blocks end to end (no detaching, no heads)."""
@@ -100,11 +112,17 @@ class LocalLosses(nn.Module):
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The ``(G, B)`` table ℓ_{l,n}: block l's head's loss on example n (the last block's
         loss is on the model's output), each block's input detached."""
-        rows, h, last = [], x, len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            h = block(h.detach() if i > 0 and self._detach else h)
+        first, h, last = 0, x, len(self.blocks) - 1
+        if self._start is not None:
+            first, h = self._start
+        rows = []
+        for i in range(first, last + 1):
+            if self._entries is not None:
+                self._entries.append(BlockEntry(h.detach(), rng_states()))
+            h = self.blocks[i](h.detach() if i > 0 and self._detach else h)
             rows.append(self._per_example(self.heads[i](h) if i < last else h, y, i))
-        return torch.stack(rows)
+        skipped = [torch.zeros_like(rows[0])] * first  # blocks before the start: no loss
+        return torch.stack(skipped + rows)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ_l L_l, the objective of ``losses`` (a scalar, for ``Backprop``)."""
@@ -130,6 +148,29 @@ class LocalLosses(nn.Module):
             yield
         finally:
             self._detach = True
+
+    @contextlib.contextmanager
+    def recording_entries(self) -> Iterator[list[BlockEntry]]:
+        """Within it, ``losses`` records each block's input and the RNG states as the block
+        starts, in the list it yields (for ``starting_at``)."""
+        self._entries = entries = []
+        try:
+            yield entries
+        finally:
+            self._entries = None
+
+    @contextlib.contextmanager
+    def starting_at(self, index: int, entry: BlockEntry) -> Iterator[None]:
+        """Within it, ``losses`` starts at block ``index`` from its recorded ``entry`` (the
+        input, and the RNG states, which are put back now), and the rows of the blocks before
+        it are zeros. Local guesses evaluate the loss from block l onward this way, at the cost
+        of the blocks after l only."""
+        restore_rng_states(entry.rng)
+        self._start = (index, entry.input)
+        try:
+            yield
+        finally:
+            self._start = None
 
     def _per_example(self, outputs: torch.Tensor, y: torch.Tensor, index: int) -> torch.Tensor:
         values = self.criterion(outputs, y)

@@ -25,12 +25,7 @@ class Replay:
             for name, b in module._buffers.items()
             if b is not None
         ]
-        self.cpu_rng = torch.get_rng_state()
-        self.cuda_rng = (
-            torch.cuda.get_rng_state_all()
-            if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else None
-        )
+        self.rng = rng_states()
 
     def rewind(self) -> None:
         for module, name, b in self.slots:
@@ -38,6 +33,22 @@ class Replay:
         with torch.no_grad():
             for buffer, saved in self.buffers:
                 buffer.copy_(saved)
-        torch.set_rng_state(self.cpu_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
+        restore_rng_states(self.rng)
+
+
+def rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """torch's CPU RNG state, and the CUDA devices' once CUDA is in use."""
+    cuda = (
+        torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None
+    )
+    return torch.get_rng_state(), cuda
+
+
+def restore_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    """Put back what ``rng_states`` returned."""
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)

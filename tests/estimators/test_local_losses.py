@@ -336,3 +336,78 @@ def test_structured_tangents_give_each_block_its_own_estimate_too(count):
     for p, g, v in zip(params, grads, tangents):
         expected = torch.tensordot(d.derivatives[:, index[id(p)]] / count, v, dims=1)
         torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-12)
+
+
+class WithoutStarts(nn.Module):
+    """A loss-group model that cannot start at a block: local guesses evaluate every block's
+    derivative at once, along G tangents."""
+
+    def __init__(self, local):
+        super().__init__()
+        self.local = local
+
+    def forward(self, x):
+        return self.local(x)
+
+    def losses(self, x, y):
+        return self.local.losses(x, y)
+
+    def loss_groups(self):
+        return self.local.loss_groups()
+
+    def end_to_end(self):
+        return self.local.end_to_end()
+
+
+def stochastic(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.3),
+        nn.Linear(8, 7), nn.Tanh(), nn.Dropout(0.5),
+        nn.Linear(7, 3),
+    ).double()  # fmt: skip
+    blocks = [[0, 1, 2, 3, 4], [5, 6, 7], [8]]
+    return fg.LocalLosses(model, input_shape=(3, 4), num_classes=3, blocks=blocks)
+
+
+def test_local_guesses_block_by_block_equal_all_blocks_at_once():
+    local, x, y = wrapped(), *data()
+    fg.ForwardGradient(guess="local").estimate(local, lambda: local.losses(x, y))
+    block_by_block = [p.grad.clone() for p in local.parameters()]
+    other = WithoutStarts(wrapped())
+    fg.ForwardGradient(guess="local").estimate(other, lambda: other.losses(x, y))
+    for mine, theirs in zip(block_by_block, other.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs.grad, rtol=1e-10, atol=1e-13)
+
+
+@PATHS
+def test_local_guesses_see_one_forward_of_dropout_and_batch_norm(fast):
+    """Each block's derivative from its recorded input sees the masks the guesses saw, and the
+    step leaves running statistics and the RNG as one forward does."""
+    local, x, y = stochastic(), *data()
+    one_forward = stochastic()
+    torch.manual_seed(7)
+    one_forward.losses(x, y)
+    rng_after = torch.get_rng_state()
+    reference = stochastic()
+    torch.manual_seed(7)  # the local gradients, then ∇L, with the same masks
+    guesses = torch.autograd.grad(reference.loss(x, y), list(reference.blocks.parameters()))
+    torch.manual_seed(7)
+    with reference.end_to_end():
+        exact = torch.autograd.grad(
+            reference.losses(x, y)[-1].mean(), list(reference.blocks.parameters())
+        )
+    estimator = fg.ForwardGradient(guess="local", fast=fast, seed=0)  # draws nothing from torch
+    torch.manual_seed(7)
+    estimator.estimate(local, lambda: local.losses(x, y))
+    assert torch.equal(torch.get_rng_state(), rng_after)
+    for mine, theirs in zip(local.buffers(), one_forward.buffers(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    start = 0
+    for block in local.blocks:
+        count = len(list(block.parameters()))
+        v = torch.cat([g.flatten() for g in guesses[start : start + count]])
+        g = torch.cat([g.flatten() for g in exact[start : start + count]])
+        estimate = torch.cat([p.grad.flatten() for p in block.parameters()])
+        torch.testing.assert_close(estimate, (v @ g) / (v @ v) * v, rtol=1e-9, atol=1e-12)
+        start += count
