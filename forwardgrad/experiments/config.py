@@ -250,9 +250,15 @@ def build_estimator(config: TrainConfig, seed: int) -> Estimator:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
-    """A TrainConfig from ``config.json`` (keys that are not config fields are ignored)."""
+    """A TrainConfig from ``config.json`` (keys that are not config fields are ignored).
+
+    ``config.json`` records the step count an epoch budget resolved to beside the epochs; the
+    budget is the epochs, so that count is left out (a resume resolves it again)."""
     names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+    kept = {k: v for k, v in values.items() if k in names}
+    if kept.get("epochs") is not None:
+        kept["steps"] = None
+    return TrainConfig(**kept)
 
 
 def load_config(run_dir: str | os.PathLike) -> TrainConfig:

@@ -23,6 +23,7 @@ from forwardgrad.experiments import (
     TrainConfig,
     TrainingDiverged,
     TrainingInterrupted,
+    load_config,
     sweep_learning_rate,
     train,
 )
@@ -197,12 +198,14 @@ def interrupt_at(step: int):
         {"estimator": "forward", "tangents": 2, "optimizer": "adam"},
         {"estimator": "zeroth-order", "optimizer": "momentum"},
         {"estimator": "backprop", "optimizer": "sgd", "problem": "mlp", "steps": 7},
+        {"estimator": "forward", "steps": None, "epochs": 2},
     ],
-    ids=["forward-adam", "zeroth-order-momentum", "backprop-mlp"],
+    ids=["forward-adam", "zeroth-order-momentum", "backprop-mlp", "epochs"],
 )
 def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_data, tmp_path, changes):
     # 16-example batches over 96 examples: the interruption falls in the middle of epoch 2, so
     # the data order, the estimator's generator and the optimizer state all have to be restored.
+    # The resumed run reads its settings from its config.json, as `train --resume` does.
     config = image_config(tiny_data, **changes)
     straight = train(config, tmp_path / "straight")
 
@@ -211,7 +214,7 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(tiny_data, tmp_path, chan
     assert stop.value.step == 6 and stop.value.signal_number == signal.SIGINT
     assert stop.value.checkpoint.name == "step-00000006.ckpt"
     assert not (tmp_path / "resumed" / "summary.json").exists()
-    resumed = train(config, tmp_path / "resumed", resume=True)
+    resumed = train(load_config(tmp_path / "resumed"), tmp_path / "resumed", resume=True)
 
     assert resumed.resumed_from.step == 6
     assert_same_params(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"))
