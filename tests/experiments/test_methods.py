@@ -23,7 +23,7 @@ from forwardgrad.experiments.methods import (
     make_closure,
     with_local_losses,
 )
-from forwardgrad.experiments.problems import make_model
+from forwardgrad.experiments.problems import DEEP_MLP_DEPTH, make_model
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def tiny(tmp_path, monkeypatch):
     return install_tiny_dataset(monkeypatch, tmp_path / "data", 64, 32)
 
 
-@pytest.mark.parametrize("problem", ["mlp", "cnn"])
+@pytest.mark.parametrize("problem", ["mlp", "cnn", "deep-mlp"])
 def test_local_losses_predict_with_the_plain_model_and_share_its_parameters(problem):
     torch.manual_seed(0)
     plain = make_model(problem)
@@ -41,10 +41,14 @@ def test_local_losses_predict_with_the_plain_model_and_share_its_parameters(prob
     torch.testing.assert_close(local(images), plain(images))
     body = {id(p) for block in local.blocks for p in block.parameters()}
     assert body == {id(p) for p in plain.parameters()}
-    blocks = {"mlp": 3, "cnn": 4}[problem]  # hidden layers (+ output); conv stages, fc1, fc2
+    # hidden layers (+ output); conv stages, fc1, fc2
+    blocks = {"mlp": 3, "cnn": 4, "deep-mlp": DEEP_MLP_DEPTH + 1}[problem]
     assert len(local.blocks) == blocks and len(local.heads) == blocks - 1
     labels = torch.tensor([0, 1, 2])
     assert local.losses(images, labels).shape == (blocks, 3)
+    linear = [[isinstance(m, torch.nn.Linear) for m in block] for block in local.blocks]
+    if problem != "cnn":  # an MLP: one hidden layer per block, the output layer last
+        assert all(sum(block) == 1 for block in linear)
 
 
 @pytest.mark.parametrize(
@@ -147,11 +151,16 @@ def test_shared_settings_apply_to_the_runs_they_mean_something_for():
         {"local_losses": True, "guess": "local"},
         {"local_losses": True, "estimator": "backprop"},
         {"tangent_rank": 1},
+        {"problem": "deep-mlp", "local_losses": True, "guess": "local"},
     ],
-    ids=["activity", "activity-local", "forward-local", "guess", "local-backprop", "rank-1"],
-)
+    ids=[
+        "activity", "activity-local", "forward-local", "guess", "local-backprop", "rank-1",
+        "deep-mlp-guess",
+    ],
+)  # fmt: skip
 def test_a_tiny_mlp_trains_with_each_setting_and_resumes_exactly(tiny, tmp_path, changes):
-    config = image_config(tiny, problem="mlp", steps=6, checkpoint_every=3, lr=1e-4, **changes)
+    changes = {"problem": "mlp", **changes}
+    config = image_config(tiny, steps=6, checkpoint_every=3, lr=1e-4, **changes)
     straight = train(config, tmp_path / "straight")
     summary = straight.summary
     assert summary["label"] == run_label(config) and not summary["diverged"]
