@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test (about a minute): logreg and mlp at batch 64, K=1,4, 5 rounds, small "
+        help="smoke test (a minute or two): logreg and mlp at batch 64, K=1,4, 5 rounds, small "
         "memory probes",
     )
     parser.add_argument(
