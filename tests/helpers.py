@@ -3,6 +3,7 @@ readers of what a run directory holds, and a reducer that stands for two identic
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 from pathlib import Path
@@ -101,3 +102,12 @@ class Doubling:
 
     def collective(self, what):
         return contextlib.nullcontext()
+
+
+def bench_config(*argv: str):
+    """The ``BenchConfig`` that ``forwardgrad bench`` builds from these flags."""
+    from forwardgrad import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return bench.config_from_args(parser.parse_args(list(argv)))

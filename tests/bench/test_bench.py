@@ -1,10 +1,10 @@
 """The benchmark library: alternation, the rows it returns, memory probes, tables, CLI."""
 
-import argparse
 import json
 
 import pytest
 import torch
+from helpers import bench_config
 
 from forwardgrad import bench
 from forwardgrad.cli import main
@@ -149,22 +149,18 @@ def test_markdown_and_files(tmp_path):
     assert "kept from the last step" in bench.to_markdown(results)
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return bench.config_from_args(parser.parse_args(list(argv)))
-
-
 def test_config_from_flags():
-    quick = parse("--quick")
+    quick = bench_config("--quick")
     assert quick.rounds == 5 and quick.models == ("logreg", "mlp")
-    config = parse("--models", "cnn", "--tangents", "1,16", "--skip", "memory", "--threads", "1")
+    config = bench_config(
+        "--models", "cnn", "--tangents", "1,16", "--skip", "memory", "--threads", "1"
+    )
     assert config.models == ("cnn",) and config.tangents == (1, 16)
     assert config.skip == ("memory",) and config.threads == 1
     with pytest.raises(ValueError, match="unknown models resnet"):
-        parse("--models", "resnet")
+        bench_config("--models", "resnet")
     with pytest.raises(ValueError, match="unknown skip"):
-        parse("--skip", "everything")
+        bench_config("--skip", "everything")
 
 
 def test_cli_bench(tmp_path, capsys):

@@ -1,12 +1,12 @@
 """The benchmark's local-learning contenders: activity perturbation, local losses, local
 guesses and local backprop, each a complete step on the problems it applies to."""
 
-import argparse
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import bench_config
 
 import forwardgrad as fg
 from forwardgrad import bench
@@ -66,19 +66,12 @@ def test_local_contenders_only_where_the_model_has_blocks():
     assert [row["contender"] for row in rows] == ["backprop", bench.LOCAL_GUESS.key]
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return bench.config_from_args(parser.parse_args(list(argv)))
-
-
 def test_local_contenders_are_measured_unless_skipped():
-    config = parse("--quick")
-    assert {bench.ACTIVITY, *LOCAL} - {bench.forward_gradient_local("rademacher")} <= set(
-        config.timing_contenders()
-    )
+    config = bench_config("--quick")  # distributions normal, rademacher: local FG is normal
+    local = [bench.ACTIVITY, bench.ACTIVITY_LOCAL, bench.forward_gradient_local("normal")]
+    assert {*local, bench.LOCAL_GUESS, bench.LOCAL_BACKPROP} <= set(config.timing_contenders())
     assert bench.LOCAL_GUESS in config.memory_contenders()
-    skipped = parse("--quick", "--skip", "local")
+    skipped = bench_config("--quick", "--skip", "local")
     assert not [c for c in skipped.timing_contenders() if c.local or c.estimator == "activity"]
     assert not [c for c in skipped.memory_contenders() if c.local or c.estimator == "activity"]
 

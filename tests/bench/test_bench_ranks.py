@@ -1,21 +1,16 @@
 """``forwardgrad bench --tangent-rank``: structured-tangent contenders beside the dense ones."""
 
-import argparse
-
 import torch
+from helpers import bench_config
 
 from forwardgrad import bench
 from forwardgrad.cli import main
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    return bench.config_from_args(parser.parse_args(list(argv)))
-
-
 def test_tangent_rank_adds_structured_contenders_for_every_k_and_distribution():
-    config = parse("--tangents", "1,16", "--distributions", "normal", "--tangent-rank", "1,4")
+    config = bench_config(
+        "--tangents", "1,16", "--distributions", "normal", "--tangent-rank", "1,4"
+    )
     assert config.ranks == (1, 4)
     keys = [c.key for c in config.timing_contenders()]
     for rank in (1, 4):
@@ -25,7 +20,7 @@ def test_tangent_rank_adds_structured_contenders_for_every_k_and_distribution():
     assert "forward-gradient:normal:1" in keys and "forward-sgd:normal" in keys  # dense kept
     memory = {c.key for c in config.memory_contenders()}
     assert {"forward-sgd:normal:rank1", "forward-sgd:normal:rank4"} <= memory
-    assert not any(c.rank for c in parse("--tangents", "1").timing_contenders())
+    assert not any(c.rank for c in bench_config("--tangents", "1").timing_contenders())
 
 
 def test_rank_contenders_step_with_structured_tangents():
