@@ -411,3 +411,25 @@ def test_local_guesses_see_one_forward_of_dropout_and_batch_norm(fast):
         estimate = torch.cat([p.grad.flatten() for p in block.parameters()])
         torch.testing.assert_close(estimate, (v @ g) / (v @ v) * v, rtol=1e-9, atol=1e-12)
         start += count
+
+
+class OwnLoop(fg.LocalLosses):
+    """A subclass with its own ``losses`` loop, which records no block entries."""
+
+    def losses(self, x, y):
+        rows, h = [], x
+        for i, block in enumerate(self.blocks):
+            h = block(h.detach() if i > 0 and self._detach else h)
+            out = self.heads[i](h) if i < len(self.heads) else h
+            rows.append(F.cross_entropy(out, y, reduction="none"))
+        return torch.stack(rows)
+
+
+def test_a_subclass_with_its_own_losses_loop_gets_the_same_local_guesses():
+    x, y = data()
+    local = wrapped()
+    fg.ForwardGradient(guess="local").estimate(local, lambda: local.losses(x, y))
+    own = OwnLoop(sequential(), input_shape=(3, 4), num_classes=3)
+    fg.ForwardGradient(guess="local").estimate(own, lambda: own.losses(x, y))
+    for mine, theirs in zip(local.parameters(), own.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-10, atol=1e-13)
