@@ -61,22 +61,29 @@ class PerturbedCall:
 
     Attributes:
         layer: the layer (``name``, ``module``, ``group``: the loss group it serves or None).
-        u: its tangents, ``(K, *z.shape)``.
+        u: its tangents, ``(K, *z.shape)`` (filled by ``output_gradients``; ``estimate`` draws
+            them again from the step's seed when it needs them instead of keeping them).
         x: its input (detached).
-        output_gradient: ĝ, the estimate of ∂L/∂z, shaped like z (set after the evaluation).
+        output_gradient: ĝ, the estimate of ∂L/∂z, shaped like z (filled by
+            ``output_gradients``).
     """
 
     layer: _Layer
-    u: torch.Tensor
+    u: torch.Tensor | None = None
     x: torch.Tensor | None = None
     output_gradient: torch.Tensor | None = None
+    position: int = 0  # of the run in the step: its tangents' stream
+    like: torch.Tensor | None = None  # an empty tensor of z's shape, dtype and device
+    coefficients: torch.Tensor | None = None  # (K, B): ĝ_n = Σ_k c_kn u_kn
 
 
 class _Perturbation:
     """One step's perturbations: forward hooks that add u to each chosen layer's output and
     keep its input. The engine may run the closure more than once (a first-use check, K
     evaluations on the general path): call ``rewind`` before each run, and every run sees
-    the same tangents, in the order the layers run."""
+    the same tangents, in the order the layers run. Tangents are not kept: every run draws
+    them again from the stream (seed, position), so a step holds one layer's at a time beside
+    the layers' inputs, not every layer's."""
 
     def __init__(self, layers: list[_Layer], count: int, distribution: str, seed: int):
         self.layers, self.count, self.distribution, self.seed = layers, count, distribution, seed
@@ -86,6 +93,18 @@ class _Perturbation:
 
     def rewind(self) -> None:
         self.position = 0
+
+    def tangents(self, call: PerturbedCall) -> torch.Tensor:
+        """The call's tangents u ``(K, *z.shape)``: all K at once from the stream (seed,
+        position), i.i.d. over k, n and units."""
+        like = call.like
+        u = torch.empty((self.count, *like.shape), dtype=like.dtype, device=like.device)
+        tg.fill_tangent(u, self.distribution, self.seed, call.position, 0)
+        return u
+
+    def output_gradient(self, call: PerturbedCall) -> torch.Tensor:
+        """ĝ = Σ_k c_k u_k for one call, its tangents drawn again."""
+        return torch.einsum("kn,kn...->n...", call.coefficients, self.tangents(call))
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -99,18 +118,17 @@ class _Perturbation:
     def _hook(self, layer: _Layer) -> Callable:
         def hook(module, args, output):
             position, self.position = self.position, self.position + 1
-            if position == len(self.calls):  # the first run draws the tangent
-                shape, device = (self.count, *output.shape), output.device
-                u = torch.empty(shape, dtype=output.dtype, device=device)
-                # All K at once from the stream (seed, position): i.i.d. over k, n and units.
-                tg.fill_tangent(u, self.distribution, self.seed, position, 0)
-                self.calls.append(PerturbedCall(layer, u))
+            if position == len(self.calls):
+                like = torch.empty((), dtype=output.dtype, device=output.device)
+                like = like.expand(output.shape)  # shape, dtype and device: one element
+                self.calls.append(PerturbedCall(layer, position=position, like=like))
             call = self.calls[position]
             call.x = fwAD.unpack_dual(args[0]).primal.detach()
+            u = self.tangents(call)
             if self.slots == 1:
-                return add_tangent(output, call.u)
-            stacked = call.u.new_zeros((self.count * self.slots, *output.shape))
-            stacked[layer.slot * self.count : (layer.slot + 1) * self.count] = call.u
+                return add_tangent(output, u)
+            stacked = u.new_zeros((self.count * self.slots, *output.shape))
+            stacked[layer.slot * self.count : (layer.slot + 1) * self.count] = u
             return add_tangent(output, stacked)
 
         return hook
@@ -203,11 +221,13 @@ class ActivityPerturbation(Seeded):
         params = trainable(model)
         layers = self.layers(model)
         _check_covered(model, params, layers)
-        loss, calls = self._evaluate(model, closure, layers)
+        loss, perturbation = self._evaluate(model, closure, layers)
         estimated = _estimated(layers)
         wanted, grads = {id(p) for p in estimated}, {}
-        for call in calls:  # each layer's own rule, summed over its calls
-            for p, grad in parameter_gradients(call.layer.module, call.x, call.output_gradient):
+        for call in perturbation.calls:  # each layer's own rule, summed over its calls
+            g = perturbation.output_gradient(call)
+            x, call.x = call.x, None  # the inputs go as the rules use them
+            for p, grad in parameter_gradients(call.layer.module, x, g):
                 if id(p) in grads:
                     grads[id(p)].add_(grad.to(p.dtype))
                 elif id(p) in wanted:
@@ -224,11 +244,15 @@ class ActivityPerturbation(Seeded):
         layer, its tangents u and the estimate ĝ of ∂L/∂z (on this process's examples: not
         summed over the ranks of a data-parallel job). ``.grad`` is not touched."""
         trainable(model)
-        return self._evaluate(model, closure, self.layers(model))
+        loss, perturbation = self._evaluate(model, closure, self.layers(model))
+        for call in perturbation.calls:
+            call.u = perturbation.tangents(call)
+            call.output_gradient = perturbation.output_gradient(call)
+        return loss, perturbation.calls
 
-    def _evaluate(self, model, closure, layers) -> tuple[torch.Tensor, list[PerturbedCall]]:
-        """One evaluation by the engine with every layer's output perturbed; ĝ from the
-        per-example derivatives d ``(K, rows, B)``."""
+    def _evaluate(self, model, closure, layers) -> tuple[torch.Tensor, _Perturbation]:
+        """One evaluation by the engine with every layer's output perturbed; each call's
+        coefficients of ĝ from the per-example derivatives d ``(K, rows, B)``."""
         grouped = group_of_parameters(model, trainable(model))
         groups = None if grouped is None else grouped[1]
         perturbation = _Perturbation(layers, self.tangents, self.distribution, self._step_seed())
@@ -248,9 +272,8 @@ class ActivityPerturbation(Seeded):
             own = derivatives[call.layer.slot * count : (call.layer.slot + 1) * count]
             group = call.layer.group  # with local losses, only its own group's derivatives
             d = own[:, group] if group is not None else own.sum(1)
-            coefficients = (d / (count * batch)).to(call.u.dtype)
-            call.output_gradient = torch.einsum("kn,kn...->n...", coefficients, call.u)
-        return loss, perturbation.calls
+            call.coefficients = (d / (count * batch)).to(call.like.dtype)
+        return loss, perturbation
 
     def _step_seed(self) -> int:
         seed = draw_seed(self.generator("cpu"))
@@ -349,7 +372,7 @@ def _check_covered(model: nn.Module, params, layers) -> None:
 
 def _check_batch(calls: list[PerturbedCall], batch: int) -> None:
     for call in calls:
-        rows = call.u.shape[1] if call.u.dim() > 1 else None
+        rows = call.like.shape[0] if call.like.dim() > 0 else None
         if rows != batch:
             raise ConfigurationError(
                 f"module {call.layer.name!r} output has {rows} examples along its first "
