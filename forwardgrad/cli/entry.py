@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import signal
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from forwardgrad.cli.commands import COMMANDS, build_parser
 from forwardgrad.cli.flags import UsageError
 from forwardgrad.cli.progress import ProgressDisplay
 from forwardgrad.cli.runs import PROG, Context
-from forwardgrad.distributed import detect_launch, process_group
+from forwardgrad.distributed import detect_launch, end_rank, process_group
 from forwardgrad.errors import DistributedError, ForwardGradError
 from forwardgrad.experiments.callbacks import Terminated
 from forwardgrad.experiments.datasets import FILES, DataMissing
@@ -44,17 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt as interrupt:  # while parsing, before anything ran
             code = _stopped(interrupt, None)
     if whole_process and detect_launch() is not None:
-        _end_rank(code)
+        end_rank(code)
     return code
-
-
-def _end_rank(code: int) -> None:
-    """End a torchrun rank now, its files written and its process group left: C++ teardown at
-    interpreter exit sometimes aborts a rank ("terminate called without an active exception",
-    about one job in ten here), which torchrun reports as a failed rank after a finished run."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _main(argv: list[str]) -> int:

@@ -56,19 +56,19 @@ def local_guess_estimate(
         value, guesses = _local_gradients(closure, params, count)
     after = Replay(model)  # as after one forward: what the model is left as
     body = [i for i, p in enumerate(params) if id(p) not in heads]
+    squared = torch.zeros(count, dtype=torch.float64)  # ‖v_l‖²
+    for i in body:
+        flat = guesses[i].reshape(-1)
+        squared[group_of[i]] += float(flat @ flat)
     # A subclass whose ``losses`` records no entries (its own loop) takes the joint evaluation.
     staggered = staggered and len(entries) == count
     derive = _block_by_block if staggered else _jointly
     derivatives = derive(
         estimator, model, closure, replay, entries, [(i, params[i], guesses[i]) for i in body],
-        group_of, count,
+        group_of, squared,
     )  # fmt: skip
     after.rewind()
     check_finite(value, derivatives)
-    squared = torch.zeros(count, dtype=torch.float64)  # ‖v_l‖²
-    for i in body:
-        flat = guesses[i].reshape(-1)
-        squared[group_of[i]] += float(flat @ flat)
     scale = torch.where(squared > 0, derivatives.double().cpu() / squared, 0.0)
     for i, (p, g) in enumerate(zip(params, guesses)):
         if id(p) not in heads:
@@ -77,15 +77,15 @@ def local_guess_estimate(
     return value
 
 
-def _block_by_block(estimator, model, closure, replay, entries, body, group_of, count):
+def _block_by_block(estimator, model, closure, replay, entries, body, group_of, squared):
     """d_l block by block, each from block l's recorded input: L evaluated from block l on,
     along v_l alone, costs the blocks after l only (all G at once would carry G tangents
     through every block, most of them zero). The last block's guess is its exact gradient,
     so d_G = ‖v_G‖² needs no evaluation. The full evaluation (l = 1) runs first, so that the
     first use of the fast path is checked on every operation."""
+    count = len(squared)
     derivatives = torch.zeros(count, dtype=torch.float64)
-    last = [g for i, _, g in body if group_of[i] == count - 1]
-    derivatives[count - 1] = sum(float(g.reshape(-1) @ g.reshape(-1)) for g in last)
+    derivatives[count - 1] = squared[count - 1]
     for block in range(count - 1):
         members = [(p, g.unsqueeze(0)) for i, p, g in body if group_of[i] == block]
         if not members:
@@ -102,9 +102,10 @@ def _block_by_block(estimator, model, closure, replay, entries, body, group_of, 
     return derivatives
 
 
-def _jointly(estimator, model, closure, replay, entries, body, group_of, count):
+def _jointly(estimator, model, closure, replay, entries, body, group_of, squared):
     """d_l for every block in one evaluation of L along G tangents, tangent l being v_l on
     block l and zero elsewhere: for models with loss groups that cannot start at a block."""
+    count = len(squared)
     replay.rewind()
     source = _guess_tangents(
         [p for _, p, _ in body], [g for *_, g in body], [group_of[i] for i, *_ in body], count

@@ -7,9 +7,7 @@ gradients with local losses). One start of two processes runs every check.
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import traceback
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import forwardgrad as fg
-from forwardgrad.distributed import DataParallel, Launch, process_group, weighted
+from forwardgrad.distributed import DataParallel, Launch, end_rank, process_group, weighted
 
 WORLD_SIZE = 2
 
@@ -86,12 +84,7 @@ def worker(rank: int, port: int, out: str) -> None:
     except Exception as error:  # recorded for the test to show
         results["error"] = traceback.format_exc() or str(error)
     torch.save(results, Path(out) / f"rank{rank}.pt")
-    # A finished gloo rank sometimes aborts in interpreter teardown ("terminate called without
-    # an active exception"), after its results are written; end it as the command line ends
-    # its ranks (forwardgrad.cli.entry), so the abort cannot fail the start.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_rank(0)  # results written: no teardown abort can fail the start
 
 
 @pytest.fixture(scope="module")
